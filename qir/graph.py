@@ -19,8 +19,9 @@ Use-def lists are maintained here and only here: passes change the IR through
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -185,13 +186,21 @@ class Op:
         new.uses.append((self, index))
 
     def set_attrs(self, **changes: Any) -> None:
-        """Replace attributes (``None`` removes one). Attributes stay immutable values."""
+        """Replace attributes (``None`` resets one to its declared default). Attributes stay immutable values.
+
+        For a registered op the result is checked and completed like ``add_op``'s, so an op
+        never loses a declared attribute (compute functions index ``attrs`` directly).
+        """
+        from qir.ops import get_op, has_op  # the registry imports this module
+
         attrs = dict(self.attrs)
         for k, v in changes.items():
             if v is None:
                 attrs.pop(k, None)
             else:
                 attrs[k] = freeze_attr(v)
+        if has_op(self.opcode):
+            attrs = get_op(self.opcode).complete_attrs(attrs)
         self.attrs = MappingProxyType(attrs)
 
     def drop_operands(self) -> None:
@@ -401,7 +410,7 @@ class Module:
                 raise QirError(f"constant @{name}: give its type when it has no data")
             from qir.dtypes import from_numpy
 
-            arr_dtype = data.dtype if isinstance(data, np.ndarray) else getattr(data, "dtype")
+            arr_dtype = data.dtype if isinstance(data, np.ndarray) else data.dtype
             type = TensorType(from_numpy(arr_dtype), tuple(data.shape))
         c = Constant(name, type, data)
         if after is None:

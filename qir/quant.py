@@ -155,6 +155,16 @@ def _reduce_groups(x: np.ndarray, spec: QuantSpec, fn: str) -> np.ndarray:
     return red(x.reshape(new_shape), axis=axis + 1)
 
 
+def _floor_scale(scale: np.ndarray) -> np.ndarray:
+    """Raise scales below the smallest normal f32 to it.
+
+    A range narrower than ~1e-36 gives a scale that underflows to a subnormal or 0:
+    0 divides by zero, and backends that flush subnormals to zero do the same. The
+    floored scale still bounds the error by scale/2 (the whole range is below it).
+    """
+    return np.maximum(scale, np.finfo(np.float32).tiny).astype(np.float32)
+
+
 def params_from_range(lo: np.ndarray | float, hi: np.ndarray | float, dt: str | DType, *,
                       symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Scale and zero point that map ``[lo, hi]`` onto ``dt``'s range (raw arrays, no validation of zp).
@@ -173,9 +183,9 @@ def params_from_range(lo: np.ndarray | float, hi: np.ndarray | float, dt: str | 
     if symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi))
         scale = np.where(amax > 0, amax / np.float32(d.qmax), np.float32(1.0)).astype(np.float32)
-        return scale, None
+        return _floor_scale(scale), None
     width = (hi - lo).astype(np.float32)
-    scale = np.where(width > 0, width / np.float32(d.qmax - d.qmin), np.float32(1.0)).astype(np.float32)
+    scale = _floor_scale(np.where(width > 0, width / np.float32(d.qmax - d.qmin), np.float32(1.0)).astype(np.float32))
     zp = (d.qmin - np.rint(lo / scale)).astype(np.int64)
     return scale, zp
 

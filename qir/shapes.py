@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 from qir.errors import QirError
 
@@ -49,7 +48,7 @@ class SymDim:
         return tuple(name for name, _ in self.terms)
 
 
-Dim = Union[int, SymDim]
+Dim = int | SymDim
 Shape = tuple[Dim, ...]
 
 

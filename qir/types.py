@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Iterable
 
 from qir.dtypes import DType, dtype
 from qir.errors import QirError, QuantError

@@ -11,8 +11,9 @@ a name starting with ``*`` takes any number of values (only as the last one).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from qir.errors import QirError
 from qir.types import TensorType

@@ -1,0 +1,7 @@
+"""``python -m qir`` runs the command line (same as the ``qir`` script)."""
+
+import sys
+
+from qir.tools.cli import main
+
+sys.exit(main())
