@@ -41,7 +41,7 @@ def make_weights(seed: int = 0) -> dict[str, np.ndarray]:
               "gate": (FFN, HIDDEN), "up": (FFN, HIDDEN), "down": (HIDDEN, FFN)}
     w: dict[str, np.ndarray] = {}
     for name, shape in shapes.items():
-        a = rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[1])
+        a = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
         a[:, rng.choice(shape[1], 3, replace=False)] *= 4.0
         w[name] = a
     w["embed"] = (rng.standard_normal((VOCAB, HIDDEN)) * 0.5).astype(np.float32)
@@ -139,7 +139,9 @@ def run_demo(out_dir: Path, quiet: bool = False) -> int:
     s, zp = quant.params_from_range(1.2, 13.6, "i8", symmetric=False)
     say(f"   S from the range [1.2, 13.6]: {float(s):.5f} (zero point {int(zp)}; the slide truncates to -152)")
     say(f"   X_q with S=0.0486, zp=-152: {q.tolist()}")
-    say(f"   dequantized: {np.round(quant.dequantize(q, 0.0486, -152), 2).tolist()}")
+    deq = quant.dequantize(q, 0.0486, -152)
+    say(f"   dequantized: {np.array2string(deq, precision=2, separator=', ').replace(chr(10), '')}"
+        "  (13.6 clips to 127)")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = make_weights()

@@ -62,8 +62,10 @@ def test_verify_ok_and_broken(demo_dir: Path, tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     text = (demo_dir / "tiny-f32.qir").read_text()
     broken = tmp_path / "broken.qir"
-    # Declare a wrong result shape on the final linear: the verifier must name the op and the rule.
-    broken.write_text(text.replace(": f32[1,seq,512]\n  return", ": f32[1,seq,511]\n  return"))
+    # Declare a wrong result shape on the final linear (and in the signature, so the text still parses):
+    # the verifier must name the op and the rule.
+    assert text.count("f32[1,seq,512]") == 2
+    broken.write_text(text.replace("f32[1,seq,512]", "f32[1,seq,511]"))
     proc = qir("verify", str(broken))
     assert proc.returncode == 1
     assert "result-type" in proc.stderr and "linear" in proc.stderr

@@ -160,6 +160,13 @@ def register_op(opdef: OpDef, *, replace: bool = False) -> OpDef:
     return opdef
 
 
+def unregister_op(name: str) -> None:
+    """Remove ``name`` from the registry (for tests and plugins that register temporary ops)."""
+    if name not in _REGISTRY:
+        raise QirError(f"op {name!r} is not registered")
+    del _REGISTRY[name]
+
+
 def get_op(name: str) -> OpDef:
     """The definition of ``name``; raises with the list of known ops."""
     try:
