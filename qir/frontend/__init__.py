@@ -1,0 +1,1 @@
+"""Frontends: bring models into qir (torch.export programs, PyTorch modules, ONNX files)."""
