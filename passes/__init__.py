@@ -1,6 +1,30 @@
-"""Passes over the qir IR (installed as ``qir.passes``).
+"""Passes over the qir IR (installed as ``qir.passes``): the pass base, registry, pipelines, manager, instruments.
 
-The pass infrastructure (``Pass``, the registry, pipeline strings, the pass
-manager and its instruments) lands with the pass-infrastructure issue; this
-package exists now so the import namespace is fixed from the start.
+    from qir.passes import run_pipeline
+    out = run_pipeline(module, "fold-qdq,cse,dce", verify_each=True)
+
+Built-in passes register on import (the table is :data:`qir.passes.registry.PASSES`).
 """
+
+from qir.passes import cleanup  # noqa: F401  (registers dce, cse, fold-constants, fold-qdq)
+from qir.passes.base import Pass
+from qir.passes.instruments import DumpDir, Instrument, PassRecord, PrintAfter, PrintAfterAll, PrintChanged, Timing
+from qir.passes.manager import PassFailedError, PassManager, run_pipeline
+from qir.passes.pipeline import PipelineError, format_pipeline, make_pass, parse_pipeline
+from qir.passes.registry import (
+    PASSES,
+    function_pass,
+    get_pass,
+    load_entry_points,
+    load_pass_file,
+    register_pass,
+    unregister_pass,
+)
+from qir.passes.rewrite import RewriteDidNotConvergeError, RewritePattern, Rewriter, apply_patterns
+
+__all__ = [
+    "PASSES", "DumpDir", "Instrument", "Pass", "PassFailedError", "PassManager", "PassRecord", "PipelineError",
+    "PrintAfter", "PrintAfterAll", "PrintChanged", "RewriteDidNotConvergeError", "RewritePattern", "Rewriter",
+    "Timing", "apply_patterns", "format_pipeline", "function_pass", "get_pass", "load_entry_points",
+    "load_pass_file", "make_pass", "parse_pipeline", "register_pass", "run_pipeline", "unregister_pass",
+]

@@ -1,0 +1,112 @@
+"""Pass instruments in the spirit of LLVM's and MLIR's: watch a pipeline without changing it.
+
+* :class:`PrintAfterAll` — the IR after every pass (``--print-after-all``)
+* :class:`PrintAfter` — the IR after the named passes (``--print-after=NAME``)
+* :class:`PrintChanged` — a unified diff of the IR before/after each pass that changed it (``--print-changed``)
+* :class:`DumpDir` — one numbered ``.qir`` per step into a folder (``--dump-dir DIR``)
+* :class:`Timing` — seconds per pass, printed at the end (``--timing``)
+
+The pass manager calls ``before_pipeline``, then ``after_pass`` for each pass with
+a :class:`PassRecord`, then ``after_pipeline``. Texts are printed once per step
+by the manager and shared, so instruments add no printing cost of their own.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What happened in one step of a pipeline."""
+
+    index: int
+    name: str
+    spelling: str
+    seconds: float
+    changed: bool
+    before: str
+    after: str
+
+
+class Instrument:
+    """Base class: override the hooks you need."""
+
+    def before_pipeline(self, text: str) -> None:
+        pass
+
+    def after_pass(self, record: PassRecord) -> None:
+        pass
+
+    def after_pipeline(self, records: list[PassRecord]) -> None:
+        pass
+
+
+@dataclass
+class PrintAfterAll(Instrument):
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+    def after_pass(self, record: PassRecord) -> None:
+        self.out.write(f"// -----// IR after {record.spelling} ({'changed' if record.changed else 'unchanged'})\n")
+        self.out.write(record.after)
+
+
+@dataclass
+class PrintAfter(Instrument):
+    names: tuple[str, ...] = ()
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+    def after_pass(self, record: PassRecord) -> None:
+        if record.name in self.names:
+            self.out.write(f"// -----// IR after {record.spelling}\n")
+            self.out.write(record.after)
+
+
+@dataclass
+class PrintChanged(Instrument):
+    context: int = 3
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+    def after_pass(self, record: PassRecord) -> None:
+        if not record.changed:
+            return
+        self.out.write(f"// -----// {record.spelling} changed the IR\n")
+        self.out.writelines(diff_texts(record.before, record.after, f"before {record.spelling}",
+                                       f"after {record.spelling}", self.context))
+
+
+@dataclass
+class DumpDir(Instrument):
+    """Writes ``00-input.qir``, ``01-<pass>.qir``, ... (text only; weights are not copied)."""
+
+    directory: Path = Path("qir-dump")
+
+    def before_pipeline(self, text: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "00-input.qir").write_text(text)
+
+    def after_pass(self, record: PassRecord) -> None:
+        (self.directory / f"{record.index + 1:02d}-{record.name}.qir").write_text(record.after)
+
+
+@dataclass
+class Timing(Instrument):
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+    def after_pipeline(self, records: list[PassRecord]) -> None:
+        total = sum(r.seconds for r in records) or 1e-12
+        self.out.write("// pass timing\n")
+        for r in records:
+            self.out.write(f"//   {r.seconds:9.4f} s  {100 * r.seconds / total:5.1f}%  {r.spelling}"
+                           f"{'' if r.changed else '  (no change)'}\n")
+        self.out.write(f"//   {sum(r.seconds for r in records):9.4f} s  total\n")
+
+
+def diff_texts(a: str, b: str, name_a: str, name_b: str, context: int = 3) -> list[str]:
+    """Unified diff lines of two IR texts (empty when equal)."""
+    return list(difflib.unified_diff(a.splitlines(keepends=True), b.splitlines(keepends=True),
+                                     fromfile=name_a, tofile=name_b, n=context))
