@@ -8,6 +8,7 @@ Built-in passes register on import (the table is :data:`qir.passes.registry.PASS
 
 from qir.passes import cleanup  # noqa: F401  (registers dce, cse, fold-constants, fold-qdq)
 from qir.passes.base import Pass
+from qir.passes.context import PassContext
 from qir.passes.instruments import DumpDir, Instrument, PassRecord, PrintAfter, PrintAfterAll, PrintChanged, Timing
 from qir.passes.manager import PassFailedError, PassManager, run_pipeline
 from qir.passes.pipeline import PipelineError, format_pipeline, make_pass, parse_pipeline
@@ -23,7 +24,8 @@ from qir.passes.registry import (
 from qir.passes.rewrite import RewriteDidNotConvergeError, RewritePattern, Rewriter, apply_patterns
 
 __all__ = [
-    "PASSES", "DumpDir", "Instrument", "Pass", "PassFailedError", "PassManager", "PassRecord", "PipelineError",
+    "PASSES", "DumpDir", "Instrument", "Pass", "PassContext", "PassFailedError", "PassManager", "PassRecord",
+    "PipelineError",
     "PrintAfter", "PrintAfterAll", "PrintChanged", "RewriteDidNotConvergeError", "RewritePattern", "Rewriter",
     "Timing", "apply_patterns", "format_pipeline", "function_pass", "get_pass", "load_entry_points",
     "load_pass_file", "make_pass", "parse_pipeline", "register_pass", "run_pipeline", "unregister_pass",

@@ -29,15 +29,23 @@ Functions work too (see :func:`qir.passes.registry.function_pass`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qir.graph import Module
 
+if TYPE_CHECKING:
+    from qir.passes.context import PassContext
+
 
 class Pass:
-    """Base of every pass. Subclasses are dataclasses; their fields are the options."""
+    """Base of every pass. Subclasses are dataclasses; their fields are the options.
+
+    ``self.context`` (a :class:`~qir.passes.context.PassContext`) is set by the pass
+    manager before ``run``: calibration data and other inputs that are not options.
+    """
 
     name: ClassVar[str] = ""
+    context: PassContext
 
     def run(self, module: Module) -> None:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {type(self).__name__} does not implement run()")

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from qir.errors import QirError, VerifyError
 from qir.graph import Module
 from qir.passes.base import Pass
+from qir.passes.context import PassContext
 from qir.passes.instruments import Instrument, PassRecord
 from qir.passes.pipeline import format_pipeline, parse_pipeline
 from qir.printer import print_module
@@ -40,9 +41,10 @@ class PassManager:
     """Runs ``passes`` (instances or a pipeline string) with optional verification and instruments."""
 
     def __init__(self, passes: Sequence[Pass] | str, *, verify_each: bool = True,
-                 instruments: Sequence[Instrument] = ()) -> None:
+                 instruments: Sequence[Instrument] = (), context: PassContext | None = None) -> None:
         self.passes: list[Pass] = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
         self.verify_each = verify_each
+        self.context = context or PassContext()
         self.instruments = list(instruments)
         self.records: list[PassRecord] = []
 
@@ -60,6 +62,7 @@ class PassManager:
         self.records = []
         for i, p in enumerate(self.passes):
             so_far = format_pipeline(self.passes[: i + 1])
+            p.context = self.context
             t0 = time.perf_counter()
             try:
                 p.run(work)
