@@ -29,12 +29,10 @@ Functions work too (see :func:`qir.passes.registry.function_pass`).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from qir.graph import Module
-
-if TYPE_CHECKING:
-    from qir.passes.context import PassContext
+from qir.passes.context import PassContext
 
 
 class Pass:
