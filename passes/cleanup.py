@@ -2,7 +2,8 @@
 
 dce
     Before: ``%a = exp %x : f32[4]`` with ``%a`` unused → After: the op is gone
-    (and, with ``constants=true``, constants nothing uses or refers to).
+    (and, with ``constants=true``, constants nothing uses or refers to — except calibration
+    statistics, ``@calib.*``, which stay until the pass that consumes them removes them).
 cse
     Before: ``%a = add %x, %y``; ``%b = add %x, %y`` → After: uses of ``%b`` use ``%a``.
 fold-constants
@@ -24,6 +25,9 @@ from qir.passes.base import Pass
 from qir.passes.registry import register_pass
 from qir.passes.rewrite import RewritePattern, Rewriter, apply_patterns
 
+CALIBRATION_PREFIX = "calib."
+"""Constants named ``calib.*`` hold calibration statistics: dce keeps them even though no op uses them."""
+
 
 @register_pass
 @dataclass
@@ -43,6 +47,8 @@ class DeadCodeElimination(Pass):
             referenced = module.spec_references()
             for name in list(module.constants):
                 c = module.constants[name]
+                if name.startswith(CALIBRATION_PREFIX):
+                    continue
                 if not c.uses and name not in referenced and not any(
                         c is v for f in module.functions.values() for v in f.outputs):
                     del module.constants[name]
