@@ -814,6 +814,10 @@ def test_symbolic_shapes_run_at_two_lengths() -> None:
         close(e, T(xe).expand(2, seq, 4), atol=0)
 
 
+# qir/ops/indexing.py (the torch frontend's ops): oracle tests in tests/test_frontend_torch.py (test_op_*).
+COVERED.update(("arange", "cumsum", "index", "index_copy", "take_along_axis"))
+
+
 def test_every_registered_op_has_an_oracle_test() -> None:
     # Ops that other test files register for themselves (their compute lives in tests/) are not qir's.
     builtin = {name: d for name, d in all_ops().items() if d.compute.__module__.startswith("qir.")}
