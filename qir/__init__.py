@@ -8,13 +8,20 @@ The public API is re-exported here::
     print(qir.print_module(m))
     outputs = qir.run(m, [inputs])     # the reference interpreter
     qir.save(m, "copy.qir")
+    imp = qir.import_model("smollm2-135m")      # prefill + decode functions, tokenizer
+    qir.generate(imp, "What is the capital of France?").text
+    qir.perplexity(imp, pathlib.Path("text.txt")).ppl
 
 See README.md for a tour and docs/text-format.md for the text format.
 """
 
-from qir import quant
+from qir import evaluate, quant
 from qir.dtypes import DType, dtype
 from qir.errors import InterpretError, ParseError, QirError, QuantError, SerializationError, VerifyError
+from qir.evaluate import perplexity
+from qir.frontend.importer import LoadedImport, import_model
+from qir.frontend.torch_export import from_exported_program, trace
+from qir.generate import generate
 from qir.graph import Constant, Function, Module, Op, Value
 from qir.interpreter import Interpreter, run
 from qir.parser import parse, parse_file
@@ -30,5 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Constant", "DType", "Function", "InterpretError", "Interpreter", "Module", "Op", "ParseError", "QirError",
     "QuantError", "QuantSpec", "SerializationError", "SymDim", "TensorType", "Value", "VerifyError", "check", "dim",
-    "dtype", "load", "parse", "parse_file", "print_module", "quant", "run", "save", "stored_bytes", "verify",
+    "dtype", "from_exported_program", "load", "parse", "parse_file", "print_module", "quant", "run", "save",
+    "stored_bytes", "trace", "verify",
+    # the frontend's model-level calls
+    "LoadedImport", "evaluate", "generate", "import_model", "perplexity",
 ]

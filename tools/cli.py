@@ -7,6 +7,10 @@ Subcommands (each is a documented library call first):
 * ``qir verify FILE``    run the verifier, list every problem (``qir.verifier.check``)
 * ``qir ops``            the op registry: names, operands, attributes, one-line docs
 * ``qir demo``           build, quantize, verify, save, reload and run a small model end to end
+* ``qir import MODEL``   trace a zoo model / HF folder / .gguf / .pt2 / .onnx into a ``.qir`` file
+                         (``qir.import_model`` + ``qir.frontend.importer.save_import``)
+* ``qir eval MODEL``     perplexity (causal LMs) or embedding cosine vs the float model (encoders)
+                         (``qir.evaluate.evaluate``)
 
 Exit codes: 0 success, 1 "different" (diff) or "invalid" (verify), 2 bad usage or bad input.
 Errors print one message, no traceback, unless ``--debug`` is given.
@@ -113,6 +117,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(out_dir=Path(args.out), quiet=args.quiet)
 
 
+def import_summary(imported, out: Path | None) -> str:
+    """One screen about an imported model: source, parameters and bytes, functions, ops by kind per function."""
+    from collections import Counter
+
+    from qir.serialize import stored_bytes
+
+    module = imported.module
+    params = sum(c.type.numel() for c in module.constants.values() if c.type.is_static)
+    where = f" -> {out} (+ {out.with_suffix('.safetensors').name}, {out.with_suffix('.json').name})" if out else ""
+    lines = [f"imported {imported.source} ({imported.kind}) as module @{module.name}{where}",
+             f"  parameters: {params:,} in {len(module.constants)} constants   stored bytes: "
+             f"{stored_bytes(module):,}"]
+    funcs = list(module.functions.values())
+    lines.append("  functions: " + "  ".join(
+        f"@{f.name} ({len(f.inputs)} in, {len(f.outputs)} out, {len(f.ops)} ops)" for f in funcs))
+    counts = {f.name: Counter(op.opcode for op in f.ops) for f in funcs}
+    total: Counter[str] = Counter()
+    for c in counts.values():
+        total.update(c)
+    lines.append("  ops by kind     " + "".join(f"{'@' + f.name:>10s}" for f in funcs))
+    for opcode, _ in sorted(total.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"    {opcode:14s}" + "".join(f"{counts[f.name][opcode]:10d}" for f in funcs))
+    return "\n".join(lines) + "\n"
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from qir.frontend.importer import import_model, save_import
+
+    out = Path(args.output) if args.output else None
+    if out is not None and out.suffix != ".qir":
+        raise QirError(f"{out}: the output file must end in .qir")
+    imported = import_model(args.model, max_seq=args.max_seq)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_import(imported, out)
+    sys.stdout.write(import_summary(imported, out))
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from qir.evaluate import evaluate
+    from qir.frontend.importer import import_model
+
+    if args.text is not None and not Path(args.text).is_file():
+        raise QirError(f"{args.text}: no such text file")
+    imported = import_model(args.model, max_seq=args.max_seq)
+    if imported.kind not in ("causal-lm", "encoder"):
+        raise QirError(f"{args.model}: model family unknown; evaluate a .qir written by 'qir import' (it keeps the "
+                       f"source model in the sidecar .json) or a zoo name / model path")
+    result = evaluate(imported, text=args.text, window=args.window, max_windows=args.windows)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:12s} {value:.10g}" if isinstance(value, float) else f"{key:12s} {value:,}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qir", description="qir: a compiler for quantized neural networks.",
@@ -144,6 +208,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default="out/demo", help="folder for the demo's files (default out/demo)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "import", help="import a model into qir and print a summary (ops by kind, parameters, bytes)",
+        description="Trace MODEL (a zoo name such as smollm2-135m or minilm-l6, a Hugging Face folder, a .gguf, "
+                    ".pt2 or .onnx file) into qir. Causal LMs get two functions, prefill and decode (static KV "
+                    "cache of --max-seq slots); encoders one, main (sentence embeddings). With -o X.qir it writes "
+                    "X.qir, X.safetensors (weights) and X.json, a sidecar recording the source model and its kind, "
+                    "which 'qir eval X.qir' reads to find the tokenizer and the float model.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", help="write the module to this .qir file (and its .safetensors and .json)")
+    p.add_argument("--max-seq", type=int, default=None,
+                   help="decode cache slots for causal LMs (default 1024); longest sequence for encoders (512)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "eval", help="perplexity of a causal LM, or embedding cosine of an encoder against the float model",
+        description="Evaluate MODEL_OR_QIR (a zoo name / model path, traced first, or a .qir written by 'qir "
+                    "import', whose sidecar X.json names the source model). Causal LMs: perplexity over --text "
+                    "FILE in windows of --window tokens (the first --windows of them) -> ppl, tokens, bytes. "
+                    "Encoders: cosine similarity of the qir embeddings against the float model's on a built-in "
+                    "set of 16 sentences, or the lines of --text -> cosine_mean, cosine_min, bytes. bytes is the "
+                    "stored size of all weights and quantization parameters.")
+    p.add_argument("model", metavar="MODEL_OR_QIR")
+    p.add_argument("--text", help="text file: perplexity text (causal LM) or one sentence per line (encoder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--window", type=int, default=512, help="perplexity window in tokens (default 512)")
+    p.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
+    p.add_argument("--max-seq", type=int, default=None, help="as for qir import, when MODEL is traced here")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
