@@ -93,3 +93,58 @@ def test_ops_lists_the_quantized_ops() -> None:
     assert proc.returncode == 0
     for name in ("qmatmul", "quantize", "dequantize", "requantize", "qembedding", "attention", "rms_norm"):
         assert any(line.startswith(name + "(") for line in proc.stdout.splitlines()), name
+
+
+def test_passes_lists_builtin_and_user_passes(tmp_path: Path) -> None:
+    proc = qir("passes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    names = {row["name"] for row in json.loads(proc.stdout)}
+    assert {"dce", "cse", "fold-constants", "fold-qdq"} <= names
+    user = tmp_path / "mypass.py"
+    user.write_text(USER_PASS)
+    proc = qir("passes", "--load-pass", str(user))
+    assert proc.returncode == 0, proc.stderr
+    assert "count-exp" in proc.stdout and "limit: int = 100" in proc.stdout
+
+
+USER_PASS = '''\
+from qir.passes import function_pass
+
+
+@function_pass("count-exp")
+def count_exp(module, *, limit: int = 100):
+    """Refuse modules with more than `limit` exp ops."""
+    n = sum(op.opcode == "exp" for f in module.functions.values() for op in f.ops)
+    assert n <= limit, f"{n} exp ops"
+'''
+
+
+def test_dump_with_pipeline_and_instruments(demo_dir: Path, tmp_path: Path) -> None:
+    user = tmp_path / "mypass.py"
+    user.write_text(USER_PASS)
+    dump = tmp_path / "steps"
+    proc = qir("dump", str(demo_dir / "tiny-w8a8.qir"), "--load-pass", str(user), "-p", "count-exp,cse,dce",
+               "--print-changed", "--timing", "--dump-dir", str(dump))
+    assert proc.returncode == 0, proc.stderr
+    # q, k and v quantize the same activation: cse merges the three quantize ops into one.
+    assert "// -----// cse changed the IR" in proc.stdout
+    assert "-  %k.xq = quantize %attn_in" in proc.stdout
+    assert "// pass timing" in proc.stdout
+    assert sorted(p.name for p in dump.iterdir()) == ["00-input.qir", "01-count-exp.qir", "02-cse.qir", "03-dce.qir"]
+    bad = qir("dump", str(demo_dir / "tiny-w8a8.qir"), "-p", "cse,dcee")
+    assert bad.returncode == 2 and "did you mean dce" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_quantize_command_writes_a_valid_module(demo_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w8.qir"
+    proc = qir("quantize", str(demo_dir / "tiny-f32.qir"), "-p", "quantize{scheme=w8a16},dce", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert "qmatmul" in text and " linear " not in text
+    assert qir("verify", str(out)).returncode == 0
+    failing = qir("quantize", str(demo_dir / "tiny-f32.qir"), "-p", "quantize{scheme=w8a8,act=static}",
+                  "-o", str(tmp_path / "x.qir"))
+    assert failing.returncode == 2 and "calibrat" in failing.stderr
+    assert not (tmp_path / "x.qir").exists()

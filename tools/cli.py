@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qir.errors import QirError
+from qir.tools import pass_cli
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -46,7 +47,14 @@ def _read_module(path: str):
 def cmd_dump(args: argparse.Namespace) -> int:
     from qir.printer import print_module
 
-    module = _read_module(args.file)
+    if args.pipeline is not None:
+        # Run the pipeline (instruments print as it goes); the result is printed, nothing is written.
+        from qir.frontend.importer import import_model
+        from qir.tools.pass_cli import run_pipeline_from_args
+
+        module = run_pipeline_from_args(args, import_model(args.file))
+    else:
+        module = _read_module(args.file)
     if args.summary:
         sys.stdout.write(summarize(module))
     else:
@@ -186,10 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("dump", help="print the canonical text of a .qir file")
+    p = sub.add_parser("dump", help="print the canonical text of a .qir file (after a pipeline with -p)",
+                       description="Print FILE's canonical text. With -p PIPELINE, FILE (a .qir file or any model "
+                                   "qir import takes) is run through the pipeline first, with the instrument flags "
+                                   "(--print-after-all, --print-changed, ...); nothing is written.")
     p.add_argument("file")
     p.add_argument("--summary", action="store_true", help="ops by kind, constants and bytes instead of the text")
+    pass_cli.add_pipeline_arguments(p, required=False)
     p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("quantize", help="run a pass pipeline on a model and write the result",
+                       description="Import MODEL (a zoo name, a model path or a .qir file), run PIPELINE and write "
+                                   "OUT.qir (+ .safetensors and the .json sidecar naming the model).",
+                       epilog='example:\n  qir quantize smollm2-135m -p "calibrate,quantize{scheme=w8a8},dce" '
+                              "--calib-text /usr/share/common-licenses/Apache-2.0 -o smol-w8a8.qir",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.qir")
+    pass_cli.add_pipeline_arguments(p, required=True)
+    p.set_defaults(func=pass_cli.cmd_quantize)
+
+    p = sub.add_parser("passes", help="list the registered passes with their options")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--load-pass", action="append", default=[], metavar="FILE",
+                   help="a Python file that registers passes (repeatable)")
+    p.set_defaults(func=pass_cli.cmd_passes)
 
     p = sub.add_parser("diff", help="unified diff of two .qir files (exit 0 equal, 1 different)")
     p.add_argument("a")

@@ -1,0 +1,130 @@
+"""The command-line side of passes: ``qir passes``, ``qir quantize`` and the pipeline/instrument flags.
+
+``qir quantize IN -p PIPELINE [--calib-text FILE] -o OUT.qir`` imports IN (a zoo name, a model path or a
+``.qir`` file), runs the pipeline through :class:`qir.passes.PassManager` and saves the result (with the
+sidecar that names the model, so ``qir eval OUT.qir`` works). ``qir dump IN -p PIPELINE
+--print-after-all`` shows the IR after every pass without writing anything.
+
+Instrument flags, as in LLVM/MLIR: ``--print-after-all``, ``--print-after NAME`` (repeatable),
+``--print-changed`` (unified diff of each pass that changed the IR), ``--dump-dir DIR`` (one numbered
+``.qir`` per step), ``--timing``. ``--load-pass FILE`` (repeatable) imports a user's passes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from qir.errors import QirError
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("-p", "--pipeline", required=required, default=None,
+                   help='passes to run, e.g. "calibrate{method=percentile},quantize{scheme=w8a8},dce"')
+    p.add_argument("--load-pass", action="append", default=[], metavar="FILE",
+                   help="a Python file that registers passes (repeatable)")
+    p.add_argument("--calib-text", metavar="FILE", help="text to calibrate on (windows of --calib-seq tokens)")
+    p.add_argument("--calib-windows", type=int, default=32, help="calibration windows / batches (default 32)")
+    p.add_argument("--calib-seq", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--no-verify", action="store_true", help="do not run the verifier after each pass")
+    p.add_argument("--print-after-all", action="store_true", help="print the IR after every pass")
+    p.add_argument("--print-after", action="append", default=[], metavar="NAME",
+                   help="print the IR after each run of pass NAME (repeatable)")
+    p.add_argument("--print-changed", action="store_true",
+                   help="print a unified diff of the IR for every pass that changed it")
+    p.add_argument("--dump-dir", metavar="DIR", help="write the IR after each step as DIR/NN-pass.qir")
+    p.add_argument("--timing", action="store_true", help="print the time each pass took")
+
+
+def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> typing.Any:
+    """Run ``args.pipeline`` on ``imported.module`` with the instruments and calibration the flags ask for."""
+    from qir.passes import (
+        DumpDir,
+        PassContext,
+        PassManager,
+        PrintAfter,
+        PrintAfterAll,
+        PrintChanged,
+        Timing,
+        load_entry_points,
+        load_pass_file,
+        parse_pipeline,
+    )
+
+    for f in args.load_pass:
+        load_pass_file(f)
+    load_entry_points()
+    passes = parse_pipeline(args.pipeline or "")  # every name and option checked before anything runs
+    instruments = []
+    if args.print_after_all:
+        instruments.append(PrintAfterAll())
+    if args.print_after:
+        instruments.append(PrintAfter(tuple(args.print_after)))
+    if args.print_changed:
+        instruments.append(PrintChanged())
+    if args.dump_dir:
+        instruments.append(DumpDir(Path(args.dump_dir)))
+    if args.timing:
+        instruments.append(Timing())
+    context = PassContext()
+    if args.calib_text:
+        from qir.calibration_data import calibration_feeds
+
+        func, feeds = calibration_feeds(imported.module, imported.kind, imported.tokenizer, args.calib_text,
+                                        windows=args.calib_windows, seq=args.calib_seq)
+        context = PassContext(calibration=feeds, function=func)
+    manager = PassManager(passes, verify_each=not args.no_verify, instruments=instruments, context=context)
+    return manager.run(imported.module)
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    """``qir passes``: every registered pass with its one-line doc and options."""
+    from qir.passes import PASSES, load_entry_points, load_pass_file
+
+    for f in args.load_pass:
+        load_pass_file(f)
+    load_entry_points()
+    rows = []
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        hints = typing.get_type_hints(cls)
+        opts = []
+        for f in cls.options():
+            default = f.default if f.default is not dataclasses.MISSING else None
+            opts.append({"name": f.name, "type": _type_name(hints.get(f.name)), "default": default})
+        rows.append({"name": name, "doc": cls.summary(), "options": opts})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        print(f"{r['name']:18s} {r['doc']}")
+        for o in r["options"]:
+            print(f"{'':18s}   {o['name']}: {o['type']} = {o['default']}")
+    return 0
+
+
+def _type_name(hint: typing.Any) -> str:
+    from qir.passes.pipeline import _type_name as name
+
+    return name(hint)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``qir quantize IN -p PIPELINE -o OUT.qir``."""
+    from qir.frontend.importer import LoadedImport, import_model, save_import
+
+    out = Path(args.output)
+    if out.suffix != ".qir":
+        raise QirError(f"-o {args.output}: the output must be a .qir file")
+    if not out.parent.exists():
+        raise QirError(f"-o {args.output}: folder {out.parent} does not exist")
+    imported = import_model(args.model)
+    result = run_pipeline_from_args(args, imported)
+    saved = save_import(LoadedImport(module=result, kind=imported.kind, source=imported.source,
+                                     tokenizer=imported.tokenizer, options=imported.options), out)
+    print(f"wrote {saved}", file=sys.stderr)
+    return 0
