@@ -194,7 +194,7 @@ def generate(model: Module | StepRunner | Any, prompt: str | Sequence[int], *, t
             raise GenerationError("on_text needs a tokenizer")
 
         def callback(tok: int) -> None:
-            on_text(tokenizer.decode([tok]))
+            on_text(tokenizer.decode([tok], skip_special_tokens=True))
 
     t0 = time.perf_counter()
     new, stopped, prefill_s, steps = generate_ids(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos,

@@ -164,6 +164,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from qir.frontend.importer import import_model
+    from qir.generate import generate
+
+    imported = import_model(args.model, max_seq=args.max_seq)
+    if imported.kind != "causal-lm":
+        raise QirError(f"{args.model}: generation needs a causal LM with prefill and decode functions "
+                       f"(this is {imported.kind!r})")
+    stream = None if args.quiet else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    result = generate(imported, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.raw,
+                      on_text=stream)
+    if args.quiet:
+        sys.stdout.write(result.text)
+    sys.stdout.write("\n")
+    n = len(result.token_ids)
+    decode_s = max(result.seconds - result.prefill_seconds, 1e-9)
+    print(f"[{len(result.prompt_ids)} prompt tokens, prefill {result.prefill_seconds:.2f} s; {n} new tokens, "
+          f"{max(n - 1, 0) / decode_s:.1f} tokens/s decode (reference interpreter)]", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -250,6 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq", type=int, default=None,
                    help="decode cache slots for causal LMs (default 1024); longest sequence for encoders (512)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("generate", help="greedy generation with a causal LM (prefill + decode graphs)",
+                       description="Generate from MODEL (a zoo name, a model path, or a .qir written by 'qir "
+                                   "import' or 'qir quantize') through its qir prefill/decode functions on the "
+                                   "reference interpreter. The chat template is applied unless --raw.",
+                       epilog='example:\n  qir generate smollm2-135m --prompt "What is the capital of France?"',
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL_OR_QIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("-q", "--quiet", action="store_true", help="print the text at the end instead of streaming")
+    p.add_argument("--max-seq", type=int, default=None, help="decode cache slots when MODEL is traced here")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
         "eval", help="perplexity of a causal LM, or embedding cosine of an encoder against the float model",
