@@ -6,7 +6,7 @@
 Built-in passes register on import (the table is :data:`qir.passes.registry.PASSES`).
 """
 
-from qir.passes import cleanup  # noqa: F401  (registers dce, cse, fold-constants, fold-qdq)
+from qir.passes import calibrate, cleanup, quantize  # noqa: F401  (register dce, cse, ..., calibrate, quantize)
 from qir.passes.base import Pass
 from qir.passes.context import PassContext
 from qir.passes.instruments import DumpDir, Instrument, PassRecord, PrintAfter, PrintAfterAll, PrintChanged, Timing

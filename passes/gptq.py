@@ -1,0 +1,163 @@
+"""The GPTQ solver (Frantar et al., 2022): weight rounding that compensates its own error using input statistics.
+
+``quantize{rounding=gptq}`` uses it for every ``linear`` it turns into ``qmatmul`` (except the tied
+embedding/head table, which the embedding lookup also reads and which is rounded to nearest).
+
+Algorithm, for a weight ``W [N, K]`` fed by inputs ``x [.., K]``:
+
+1. ``H = 2/n * sum(x^T x)`` over all ``n`` rows of every calibration feed (:class:`HessianAccumulator`;
+   accumulated in float64; memory K x K per distinct input value, shared by the q/k/v projections).
+2. Columns whose inputs were always 0 (``H[i, i] == 0``) are zeroed and get ``H[i, i] = 1``.
+   Dampening: ``H += damp * mean(diag(H)) * I``.
+3. ``U = cholesky(H^-1)`` (upper, ``H^-1 = U^T U``), computed as the Cholesky factor of the inverse
+   obtained from ``H``'s own Cholesky factor.
+4. Columns are processed in blocks of ``block`` (rounded to a multiple of the group size, so a group
+   never straddles two blocks). Within a block, column by column::
+
+       q      = quantize(w[:, j])        with the scale of the column's group (per channel: fixed
+                                          up front from the original W; per group: computed when the
+                                          group starts, from the current, error-updated weights)
+       err    = (w[:, j] - dequantize(q)) / U[j, j]
+       W[:, j:block_end] -= err * U[j, j:block_end]      (the rest of the block sees the error now)
+
+   and after the block, ``W[:, block_end:] -= Err_block @ U[block, block_end:]`` (lazy batch update).
+
+The returned codes, scales and zero points follow :mod:`qir.quant` exactly (``q = clamp(rint(w/s) + zp)``,
+f32 division), so they mean what the IR says they mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qir import quant
+from qir.dtypes import DType, dtype
+from qir.errors import QirError
+
+__all__ = ["HessianAccumulator", "gptq_quantize", "rtn_quantize"]
+
+
+class HessianAccumulator:
+    """Running ``sum(x^T x)`` (float64, K x K) and row count of one input value."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.xtx = np.zeros((k, k), dtype=np.float64)
+        self.rows = 0
+        self.final = False  # True once hessian() has scaled xtx in place
+
+    def add(self, x: np.ndarray) -> None:
+        if self.final:
+            raise QirError("GPTQ: this accumulator was already turned into a Hessian; start a new one")
+        a = np.asarray(x)
+        if a.shape[-1] != self.k:
+            raise QirError(f"GPTQ: an input has {a.shape[-1]} features, expected {self.k}")
+        rows = a.reshape(-1, self.k).astype(np.float64)
+        self.xtx += rows.T @ rows
+        self.rows += rows.shape[0]
+
+    def merge(self, other: HessianAccumulator) -> None:
+        if self.final or other.final:
+            raise QirError("GPTQ: cannot merge an accumulator that was already turned into a Hessian")
+        self.xtx += other.xtx
+        self.rows += other.rows
+
+    def hessian(self) -> np.ndarray:
+        """``2/n * sum(x^T x)``, computed in place (the accumulator is spent afterwards: no second K x K copy)."""
+        if not self.final:
+            self.xtx *= 2.0 / max(self.rows, 1)
+            self.final = True
+        return self.xtx
+
+
+def _params(lo: np.ndarray, hi: np.ndarray, dt: DType, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    lo = np.minimum(lo, 0.0).astype(np.float32)
+    hi = np.maximum(hi, 0.0).astype(np.float32)
+    scale, zp = quant.params_from_range(lo, hi, dt, symmetric=symmetric)
+    return scale.astype(np.float32), None if zp is None else zp.astype(np.int32)
+
+
+def rtn_quantize(w: np.ndarray, dt: str | DType, *, group: int | None, symmetric: bool, axis: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest ``(codes, scale, zero_point)``: per row (``group=None``) or per group along axis 1."""
+    d = dtype(dt)
+    if group is None:
+        spec, scale, zp = quant.choose_params(w, d, symmetric=symmetric, axis=axis)
+    else:
+        spec, scale, zp = quant.choose_params(w, d, symmetric=symmetric, axis=1, group_size=group)
+    codes = quant.quantize_spec(w, spec, d, scale, zp).codes
+    return codes, scale, zp
+
+
+def gptq_quantize(w: np.ndarray, h: np.ndarray, dt: str | DType, *, group: int | None, symmetric: bool,
+                  damp: float = 0.01, block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ ``(codes, scale, zero_point)`` of ``w [N, K]`` given ``h [K, K]`` (see the module docstring).
+
+    ``group=None``: one scale per output row (shape ``[N]``); else per group of ``group`` input columns
+    (shape ``[N, ceil(K/group)]``, the last group padded as in :mod:`qir.quant`).
+    """
+    import scipy.linalg  # only GPTQ needs it; keep `import qir.passes` light
+
+    d = dtype(dt)
+    weights = np.asarray(w, dtype=np.float64)
+    if weights.ndim != 2:
+        raise QirError(f"GPTQ needs a 2-D [out, in] weight, got shape {list(weights.shape)}")
+    n, k = weights.shape
+    hess = np.array(h, dtype=np.float64, copy=True)
+    if hess.shape != (k, k):
+        raise QirError(f"GPTQ: the Hessian is {list(hess.shape)}, expected [{k}, {k}]")
+    if damp < 0:
+        raise QirError(f"GPTQ: damp must be >= 0, got {damp}")
+    if block < 1:
+        raise QirError(f"GPTQ: block must be >= 1, got {block}")
+    W = weights.copy()
+    dead = np.diag(hess) == 0
+    hess[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    hess[np.diag_indices(k)] += damp * float(np.mean(np.diag(hess)))
+    try:
+        chol = scipy.linalg.cholesky(hess, lower=True)
+        hinv = scipy.linalg.cho_solve((chol, True), np.eye(k))
+        U = scipy.linalg.cholesky(hinv, lower=False)
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        raise QirError(f"GPTQ: the input Hessian is not positive definite even after dampening ({exc}); "
+                       "raise quantize's damp option (e.g. damp=0.1) or calibrate on more data") from None
+
+    if group is not None:
+        if group <= 0:
+            raise QirError(f"GPTQ: group must be > 0, got {group}")
+        block = max(1, block // group) * group
+        ngroups = -(-k // group)
+        scale = np.zeros((n, ngroups), dtype=np.float32)
+        zp: np.ndarray | None = None if symmetric else np.zeros((n, ngroups), dtype=np.int32)
+        s_col = np.ones(n, np.float32)
+        z_col: np.ndarray | None = None
+    else:
+        scale, zp = _params(W.min(axis=1), W.max(axis=1), d, symmetric)
+        s_col, z_col = scale, zp
+
+    codes = np.zeros((n, k), dtype=np.int32)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = W[:, i1:i2]  # a view: updates inside the block land in W
+        U1 = U[i1:i2, i1:i2]
+        err_block = np.zeros((n, i2 - i1), dtype=np.float64)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group is not None and col % group == 0:
+                g = col // group
+                cur = W[:, col:col + group]  # inside this block: every earlier error already applied
+                s_col, z_col = _params(cur.min(axis=1), cur.max(axis=1), d, symmetric)
+                scale[:, g] = s_col
+                if zp is not None and z_col is not None:
+                    zp[:, g] = z_col
+            wcol = W1[:, i]
+            q = quant.quantize(wcol.astype(np.float32), s_col, z_col, d).astype(np.int32)
+            codes[:, col] = q
+            deq = s_col.astype(np.float64) * (q - (0 if z_col is None else z_col))
+            err = (wcol - deq) / U1[i, i]
+            W1[:, i:] -= np.outer(err, U1[i, i:])
+            err_block[:, i] = err
+        if i2 < k:
+            W[:, i2:] -= err_block @ U[i1:i2, i2:]
+    return codes.astype(d.numpy), scale, zp
