@@ -243,19 +243,45 @@ def evaluate(imported: Any, *, text: str | Path | None = None, window: int = DEF
     from qir.serialize import stored_bytes
 
     module: Module = imported.module
-    nbytes = stored_bytes(module)
-    if imported.kind == "causal-lm":
+    return evaluate_functions(
+        imported.kind, tokenizer=imported.tokenizer, nbytes=stored_bytes(module),
+        logits_fn=lambda: qir_logits_fn(module),
+        embed_fn=lambda max_len: qir_embed_fn(module, imported.tokenizer, max_length=max_len),
+        reference=(lambda: reference) if reference is not None else imported.float_model,
+        text=text, window=window, max_windows=max_windows)
+
+
+def evaluate_artifact(artifact: Any, *, text: str | Path | None = None, window: int = DEFAULT_WINDOW,
+                      max_windows: int | None = DEFAULT_WINDOWS) -> dict[str, float | int]:
+    """The same numbers for a compiled artifact folder (``qir.backends.compile.load_artifact``)."""
+
+    def reference() -> Any:
+        from qir.models import load_model
+
+        return load_model(artifact.source)
+
+    return evaluate_functions(
+        artifact.kind, tokenizer=artifact.tokenizer, nbytes=int(artifact.bytes),
+        logits_fn=artifact.logits_fn,
+        embed_fn=lambda max_len: artifact.embed_fn(artifact.tokenizer, max_length=max_len),
+        reference=reference, text=text, window=window, max_windows=max_windows)
+
+
+def evaluate_functions(kind: str, *, tokenizer: Any, nbytes: int, logits_fn: Callable[[], LogitsFn],
+                       embed_fn: Callable[[int | None], EmbedFn], reference: Callable[[], Any],
+                       text: str | Path | None, window: int, max_windows: int | None) -> dict[str, float | int]:
+    """Shared by :func:`evaluate` and :func:`evaluate_artifact`: whatever runs the model, the same metric."""
+    if kind == "causal-lm":
         if text is None:
             raise EvaluationError("perplexity of a causal LM needs a text file (--text FILE)")
-        res = perplexity(module, Path(text), tokenizer=imported.tokenizer, window=window, max_windows=max_windows)
+        res = perplexity(logits_fn(), Path(text), tokenizer=tokenizer, window=window, max_windows=max_windows)
         return {"ppl": res.ppl, "tokens": res.tokens, "bytes": nbytes}
-    if imported.kind == "encoder":
+    if kind == "encoder":
         sentences: Sequence[str] = DEFAULT_SENTENCES
         if text is not None:
             sentences = [line.strip() for line in _read_text(text).splitlines() if line.strip()]
-        ref = reference if reference is not None else imported.float_model()
+        ref = reference()
         max_len = getattr(getattr(ref, "facts", None), "max_seq_len", None)
-        res_c = embedding_cosine(qir_embed_fn(module, imported.tokenizer, max_length=max_len),
-                                 lambda s: ref.embed(s).numpy(), sentences)
+        res_c = embedding_cosine(embed_fn(max_len), lambda s: ref.embed(s).numpy(), sentences)
         return {"cosine_mean": res_c.cosine_mean, "cosine_min": res_c.cosine_min, "bytes": nbytes}
-    raise EvaluationError(f"cannot evaluate a model of kind {imported.kind!r}")
+    raise EvaluationError(f"cannot evaluate a model of kind {kind!r}")

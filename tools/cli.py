@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qir.errors import QirError
 from qir.tools import pass_cli
+from qir.tools.compile_cli import add_compile_parser
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -186,24 +187,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
     from qir.evaluate import evaluate
     from qir.frontend.importer import import_model
 
     if args.text is not None and not Path(args.text).is_file():
         raise QirError(f"{args.text}: no such text file")
+    if Path(args.model).is_dir():
+        # A compiled artifact folder (qir compile -o DIR): run it on its backend, same metric and keys.
+        from qir.backends.compile import load_artifact
+        from qir.evaluate import evaluate_artifact
+
+        result = evaluate_artifact(load_artifact(args.model), text=args.text, window=args.window,
+                                   max_windows=args.windows)
+        _print_eval(result, args.json)
+        return EXIT_OK
     imported = import_model(args.model, max_seq=args.max_seq)
     if imported.kind not in ("causal-lm", "encoder"):
         raise QirError(f"{args.model}: model family unknown; evaluate a .qir written by 'qir import' (it keeps the "
                        f"source model in the sidecar .json) or a zoo name / model path")
     result = evaluate(imported, text=args.text, window=args.window, max_windows=args.windows)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:12s} {value:.10g}" if isinstance(value, float) else f"{key:12s} {value:,}")
+    _print_eval(result, args.json)
     return EXIT_OK
+
+
+def _print_eval(result: dict[str, float | int], as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:12s} {value:.10g}" if isinstance(value, float) else f"{key:12s} {value:,}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=8, help="number of windows (default 8)")
     p.add_argument("--max-seq", type=int, default=None, help="as for qir import, when MODEL is traced here")
     p.set_defaults(func=cmd_eval)
+
+    add_compile_parser(sub)
     return parser
 
 
