@@ -99,10 +99,8 @@ class FoldConstants(Pass):
                 args = [ctx.constant(v.name) for v in op.operands]
                 outs = get_op(op.opcode).compute(ctx, args, op.attrs, [r.type for r in op.results])
                 for r, value in zip(op.results, outs):
-                    name = r.name
-                    while name in module.constants:
-                        name += ".c"
-                    c = module.add_constant(name, np.asarray(value, dtype=r.type.dtype.numpy), type=r.type)
+                    data = np.asarray(value, dtype=r.type.dtype.numpy)
+                    c = module.add_constant(module.fresh_constant_name(r.name), data, type=r.type)
                     r.replace_all_uses_with(c)
                 func.erase_op(op)
 

@@ -145,15 +145,6 @@ def parse_overrides(text: str) -> list[tuple[str, str]]:
     return rules
 
 
-def _free_name(module: Module, base: str) -> str:
-    if base not in module.constants:
-        return base
-    i = 1
-    while f"{base}.{i}" in module.constants:
-        i += 1
-    return f"{base}.{i}"
-
-
 @register_pass
 @dataclass
 class Quantize(Pass):
@@ -376,10 +367,10 @@ class Quantize(Pass):
         else:
             codes, scale, zp = rtn_quantize(w, d, group=fmt.group, symmetric=fmt.symmetric)
         keeps_float = any(u.fmt is None for u in ulist)
-        final = _free_name(module, f"{wname}.q") if keeps_float else wname
-        qname = _free_name(module, f"{wname}.q")
-        sname = _free_name(module, f"{final}.scale")
-        zname = _free_name(module, f"{final}.zp") if zp is not None else None
+        final = module.fresh_constant_name(f"{wname}.q") if keeps_float else wname
+        qname = module.fresh_constant_name(f"{wname}.q")
+        sname = module.fresh_constant_name(f"{final}.scale")
+        zname = module.fresh_constant_name(f"{final}.zp") if zp is not None else None
         if fmt.group is None:
             spec = QuantSpec.per_axis(0, sname, zname)
         else:

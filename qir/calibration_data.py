@@ -19,21 +19,15 @@ from qir.errors import QirError
 from qir.graph import Module
 
 
-def _read(path: str | Path) -> str:
-    p = Path(path)
-    try:
-        return p.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise QirError(f"--calib-text {path}: cannot read it ({exc.strerror or exc})") from None
-
-
 def calibration_feeds(module: Module, kind: str, tokenizer: Any, text_path: str | Path, *, windows: int = 32,
                       seq: int = 512, batch: int = 8) -> tuple[str, list[dict[str, np.ndarray]]]:
     """``(function name, feeds)`` for calibrating ``module`` on the text in ``text_path``."""
     if tokenizer is None:
         raise QirError("calibration from text needs the model's tokenizer, and this module has none: import it "
                        "with `qir import MODEL -o X.qir` (which records the model next to X.qir) or pass a zoo name")
-    text = _read(text_path)
+    from qir.evaluate import read_text
+
+    text = read_text(text_path)
     if kind == "causal-lm":
         from qir.evaluate import window_ids
 

@@ -141,7 +141,7 @@ def perplexity(model: Module | LogitsFn | Any, text: str | Path, *, tokenizer: A
     if tokenizer is None:
         raise EvaluationError("perplexity needs a tokenizer (pass tokenizer=)")
     if isinstance(text, Path):
-        text = _read_text(text)
+        text = read_text(text)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return perplexity_of_ids(_as_logits_fn(model), ids, window=window, max_windows=max_windows)
 
@@ -224,7 +224,8 @@ def embedding_cosine(embed: EmbedFn, reference: EmbedFn,
 
 # -- qir eval --------------------------------------------------------------------------------------------------
 
-def _read_text(path: str | Path) -> str:
+def read_text(path: str | Path) -> str:
+    """A text file's contents (UTF-8, undecodable bytes replaced); a clear error when it cannot be read."""
     p = Path(path)
     try:
         return p.read_text(encoding="utf-8", errors="replace")
@@ -279,7 +280,7 @@ def evaluate_functions(kind: str, *, tokenizer: Any, nbytes: int, logits_fn: Cal
     if kind == "encoder":
         sentences: Sequence[str] = DEFAULT_SENTENCES
         if text is not None:
-            sentences = [line.strip() for line in _read_text(text).splitlines() if line.strip()]
+            sentences = [line.strip() for line in read_text(text).splitlines() if line.strip()]
         ref = reference()
         max_len = getattr(getattr(ref, "facts", None), "max_seq_len", None)
         res_c = embedding_cosine(embed_fn(max_len), lambda s: ref.embed(s).numpy(), sentences)

@@ -19,7 +19,7 @@ Use-def lists are maintained here and only here: passes change the IR through
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,6 +40,15 @@ def check_name(name: str, what: str = "name") -> str:
         raise QirError(f"invalid {what} {name!r}: names use letters, digits, '_', '.' and '-' "
                        "and do not start with '.' or '-'")
     return name
+
+
+def _fresh(base: str, taken: Container[str]) -> str:
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}.{i}" in taken:
+        i += 1
+    return f"{base}.{i}"
 
 
 class LazyArray(Protocol):
@@ -296,12 +305,7 @@ class Function:
 
     def fresh_name(self, base: str) -> str:
         """A value name not yet used in this function: ``base``, else ``base.1``, ``base.2``..."""
-        if base not in self._names:
-            return base
-        i = 1
-        while f"{base}.{i}" in self._names:
-            i += 1
-        return f"{base}.{i}"
+        return _fresh(base, self._names)
 
     def rename(self, value: Value, new_name: str) -> None:
         """Rename a function value (inputs and op results; constants are renamed on the module)."""
@@ -423,6 +427,10 @@ class Module:
             items.insert(pos, (name, c))
             self.constants = dict(items)
         return c
+
+    def fresh_constant_name(self, base: str) -> str:
+        """A constant name not yet used: ``base``, else ``base.1``, ``base.2``..."""
+        return _fresh(base, self.constants)
 
     def remove_constant(self, name: str) -> None:
         c = self.constant(name)
