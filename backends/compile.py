@@ -245,12 +245,25 @@ class Artifact:
                  function: str | None = None) -> Any:
         """Sentence embeddings (inputs ``input_ids``, ``attention_mask``), as :func:`qir_embed_fn`."""
         tok = tokenizer if tokenizer is not None else self.tokenizer
+        # An artifact compiled with static shapes (--bind batch=1,seq=128) takes exactly those sizes: pad each
+        # batch to the bound sequence length and feed at most the bound batch at a time (the mask hides padding).
+        dims = self.session(function).get_inputs()[0].shape
+        static_batch = dims[0] if isinstance(dims[0], int) else None
+        static_seq = dims[1] if len(dims) > 1 and isinstance(dims[1], int) else None
 
-        def fn(texts: Sequence[str]) -> np.ndarray:
-            enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        def run_batch(texts: list[str]) -> np.ndarray:
+            if static_seq is not None:
+                enc = tok(texts, padding="max_length", truncation=True, max_length=static_seq, return_tensors="np")
+            else:
+                enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
             ids = np.asarray(enc["input_ids"], dtype=np.int64)
             mask = np.asarray(enc["attention_mask"], dtype=np.int64)
             return self.run([ids, mask], function=function)[0]
+
+        def fn(texts: Sequence[str]) -> np.ndarray:
+            texts = list(texts)
+            step = static_batch or len(texts) or 1
+            return np.concatenate([run_batch(texts[i:i + step]) for i in range(0, len(texts), step)], axis=0)
 
         return fn
 

@@ -321,3 +321,22 @@ def test_smollm2_prefill_and_decode() -> None:
         refs = run(m, feeds, function=fname)
         for o, r in zip(outs, refs):
             np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+
+
+@pytest.mark.slow
+def test_eval_of_a_static_shape_artifact_pads_to_the_bound_sizes(tmp_path: Path) -> None:
+    """An artifact compiled with --bind batch=1,seq=64 is fed one sentence at a time, padded to 64 tokens."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "static"
+    cmd = [sys.executable, "-m", "qir"]
+    proc = subprocess.run([*cmd, "compile", "minilm-l6", "--target", "ort-cpu", "--preset", "float",
+                           "--bind", "batch=1,seq=64", "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([*cmd, "eval", str(out), "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result) == {"cosine_mean", "cosine_min", "bytes"}
+    assert result["cosine_min"] > 0.9999
