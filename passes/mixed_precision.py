@@ -1,0 +1,341 @@
+"""The ``mixed-precision`` pass: choose a bit width per weight tensor under a size budget, then quantize.
+
+``mixed-precision{budget=4.25, candidates="8,4,4g32,2g32", symmetric=true, tables=true, windows=2, report=false}``
+
+``budget`` is the average number of stored bits per parameter over every tensor the pass assigns (the weights of
+``linear`` ops and, with ``tables=true``, embedding tables -- a tied embedding/head table is one tensor), counting
+the codes AND the quantization parameters (f32 scales, zero points), as :func:`qir.stored_bytes` does. A candidate is
+``BITS`` (one scale per output row) or ``BITSgGROUP`` (one scale per ``GROUP`` input columns), ``BITS`` in 2, 4, 8:
+``"8,4,4g32,2g32"`` stores 8.06, 4.06, 5.0 and 3.0 bits per parameter for a ``[N, 576]`` weight.
+
+**Sensitivity** (cheap, no extra forward passes per candidate): the output error of each layer weighted by the
+input's second moment (the diagonal of the GPTQ Hessian ``E[x x^T]``), ``s(W, c) = sum_{n,k} (W~_c - W)[n,k]^2
+E[x_k^2]`` -- the expected squared error the rounding adds to the layer's output per token, with ``E[x_k^2]``
+measured on the first ``windows`` calibration feeds (``PassContext``, ``--calib-text FILE``) in one float run of the
+calibration function. For an embedding table the lookup's error is weighted by token frequency in the same feeds,
+``sum_t p_t |W~_t - W_t|^2``, plus the head term when the table is tied. A weight that only a non-calibrated function
+reads uses ``E[x_k^2] = 1``.
+
+**Allocation**: every tensor starts at its cheapest candidate; then greedily, the upgrade (to any larger candidate)
+with the best sensitivity drop per extra byte that still fits in the budget is taken, until none fits. A budget
+below the all-cheapest size is an error that says the minimum.
+
+The result is written directly as quantized constants (RTN, min/max scales, f32 scales, the constant keeps the
+float weight's name, as ``quantize`` does): ``linear`` -> ``qmatmul``, ``embedding`` -> ``qembedding``, weight-only
+(float activations). A following ``quantize`` only sees what is left float. ``self.assignment`` holds one
+:class:`Assignment` per tensor (weight, format, bits per parameter, bytes, sensitivity); ``report=true`` prints that
+table and the totals. :meth:`MixedPrecision.measure` and :meth:`MixedPrecision.assign` split the work, so one
+measurement serves several budgets.
+
+Before::
+
+    const @w1 : f32[3,64] = dense(...)
+    func @main(%x: f32[1,seq,64]) -> (f32[1,seq,3]) {
+      %h = linear %x, @w1 : f32[1,seq,3]
+      return %h
+    }
+
+After ``mixed-precision{budget=5,candidates="8,4g32"}`` (the 8-bit per-row format would cost 8.5 bits per parameter
+for this small weight, over budget)::
+
+    const @w1 : i4[3,64] q(axis=1, group=32, scale=@w1.scale) = dense(...)
+    const @w1.scale : f32[3,2] = dense(...)
+    func @main(%x: f32[1,seq,64]) -> (f32[1,seq,3]) {
+      %h = qmatmul %x, @w1 : f32[1,seq,3]
+      return %h
+    }
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qir import quant
+from qir.dtypes import dtype
+from qir.errors import QirError
+from qir.graph import Function, Module, Op, Value
+from qir.passes.base import Pass
+from qir.passes.calibrate import calibration_function
+from qir.passes.registry import register_pass
+from qir.quantspec import QuantSpec
+from qir.types import TensorType
+
+__all__ = ["Assignment", "Candidate", "MixedPrecision", "allocate", "parse_candidates"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One storage format: ``bits`` per code, one scale per row (``group=None``) or per ``group`` input columns."""
+
+    bits: int
+    group: int | None
+
+    def __str__(self) -> str:
+        return f"{self.bits}" if self.group is None else f"{self.bits}g{self.group}"
+
+    def nbytes(self, n: int, k: int, symmetric: bool) -> int:
+        """Stored bytes of an ``[n, k]`` weight: packed codes, f32 scales and (asymmetric) 1-byte zero points."""
+        groups = 1 if self.group is None else -(-k // self.group)
+        return -(-n * k * self.bits // 8) + n * groups * (4 if symmetric else 5)
+
+
+@dataclass
+class Assignment:
+    """The format chosen for one weight tensor and what it costs."""
+
+    weight: str
+    params: int
+    fmt: Candidate
+    nbytes: int
+    sensitivity: float
+    options: dict[Candidate, tuple[int, float]] = field(default_factory=dict, repr=False)
+
+    @property
+    def bits(self) -> float:
+        return 8.0 * self.nbytes / self.params
+
+
+def parse_candidates(text: str) -> list[Candidate]:
+    """``"8,4,4g32,2g32"`` as candidates (bits 2, 4 or 8; an optional group size)."""
+    out: list[Candidate] = []
+    for item in (t.strip() for t in text.replace(":", ",").split(",")):
+        if not item:
+            continue
+        m = re.fullmatch(r"(\d+)(?:g(\d+))?", item)
+        if m is None or int(m.group(1)) not in (2, 4, 8) or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise QirError(f"mixed-precision: candidate {item!r} must be BITS or BITSgGROUP with BITS 2, 4 or 8 "
+                           "(e.g. 8, 4g32)")
+        c = Candidate(int(m.group(1)), None if m.group(2) is None else int(m.group(2)))
+        if c not in out:
+            out.append(c)
+    if not out:
+        raise QirError("mixed-precision: candidates is empty; give e.g. candidates=\"8,4,4g32,2g32\"")
+    return out
+
+
+def allocate(options: dict[str, dict[Candidate, tuple[int, float]]], budget_bytes: float, *, params: int = 0
+             ) -> dict[str, Candidate]:
+    """Greedy marginal-gain allocation: cheapest everywhere, then the best sensitivity drop per byte that fits."""
+    choice = {w: min(opts, key=lambda c: (opts[c][0], opts[c][1])) for w, opts in options.items()}
+    used = sum(options[w][c][0] for w, c in choice.items())
+    if used > budget_bytes:
+        raise QirError(f"mixed-precision: the budget ({budget_bytes:.0f} bytes) is below the smallest assignment "
+                       f"({used} bytes with the cheapest candidate everywhere"
+                       + (f", {8.0 * used / params:.3f} bits/param" if params else "")
+                       + "); raise budget or add a smaller candidate")
+    while True:
+        best: tuple[float, str, Candidate] | None = None
+        for w, opts in options.items():
+            b0, s0 = opts[choice[w]]
+            for c, (b, s) in opts.items():
+                if b <= b0 or s >= s0 or used + b - b0 > budget_bytes:
+                    continue
+                gain = (s0 - s) / (b - b0)
+                if best is None or gain > best[0]:
+                    best = (gain, w, c)
+        if best is None:
+            return choice
+        _, w, c = best
+        used += options[w][c][0] - options[w][choice[w]][0]
+        choice[w] = c
+
+
+def _quantize(w: np.ndarray, c: Candidate, symmetric: bool, scale_name: str = "scale",
+              zp_name: str | None = None) -> quant.QTensor:
+    d = dtype(f"{'i' if symmetric else 'u'}{c.bits}")
+    if c.group is None:
+        spec, scale, zp = quant.choose_params(w, d, symmetric=symmetric, axis=0, scale_name=scale_name,
+                                              zero_point_name=zp_name)
+    else:
+        spec, scale, zp = quant.choose_params(w, d, symmetric=symmetric, axis=1, group_size=c.group,
+                                              scale_name=scale_name, zero_point_name=zp_name)
+    return quant.quantize_spec(w, spec, d, scale, zp)
+
+
+@register_pass
+@dataclass
+class MixedPrecision(Pass):
+    """Per-tensor bit widths under an average bits-per-parameter budget (sensitivity-guided), then quantize them."""
+
+    name = "mixed-precision"
+    budget: float = 4.25
+    candidates: str = "8,4,4g32,2g32"
+    symmetric: bool = True
+    tables: bool = True
+    windows: int = 2
+    report: bool = False
+
+    def run(self, module: Module) -> None:
+        self.assign(module, self.measure(module))
+
+    def measure(self, module: Module) -> dict[str, dict[Candidate, tuple[int, float]]]:
+        """``weight -> {candidate: (stored bytes, sensitivity)}`` for every tensor the pass assigns."""
+        cands = parse_candidates(self.candidates)
+        uses = self._weights(module)
+        if not uses:
+            return {}
+        second, freq = self._moments(module, uses)
+        func = calibration_function(module, self.context.function)
+        options: dict[str, dict[Candidate, tuple[int, float]]] = {}
+        for wname, ulist in uses.items():
+            w = np.asarray(module.constant(wname).numpy(), dtype=np.float32)
+            n, k = w.shape
+            # one function's uses (the calibrated one when it reads the weight): prefill + decode would count twice
+            mine = [u for u in ulist if u[1] is func] or [u for u in ulist if u[1] is ulist[0][1]]
+            options[wname] = {}
+            for c in cands:
+                err2 = np.square(_quantize(w, c, self.symmetric).dequantize() - w)
+                sens = 0.0
+                for kind, _func, op in mine:
+                    if kind == "linear":
+                        h = second.get(id(op.operands[0]))
+                        sens += float(err2.sum(axis=0) @ (h if h is not None else np.ones(k)))
+                    else:
+                        p = freq.get(wname)
+                        rows = err2.sum(axis=1)
+                        sens += float(rows @ p) if p is not None else float(rows.mean())
+                options[wname][c] = (c.nbytes(n, k, self.symmetric), sens)
+        return options
+
+    def assign(self, module: Module, options: dict[str, dict[Candidate, tuple[int, float]]]) -> None:
+        """Allocate the budget over ``options`` (from :meth:`measure`, maybe of another copy) and quantize."""
+        uses = self._weights(module)
+        missing = sorted(set(options) - set(uses))
+        if missing:
+            raise QirError(f"mixed-precision: measured weights {', '.join('@' + w for w in missing[:3])} are not "
+                           "float linear weights / tables of this module")
+        params = {w: int(np.prod(module.constant(w).type.shape)) for w in options}
+        total_params = sum(params.values())
+        choice = allocate(options, self.budget * total_params / 8.0, params=total_params) if options else {}
+        self.assignment: list[Assignment] = [
+            Assignment(w, params[w], c, options[w][c][0], options[w][c][1], options[w]) for w, c in choice.items()]
+        for a in self.assignment:
+            self._apply(module, a, uses[a.weight])
+        if self.report:
+            print(self.table())
+
+    def table(self) -> str:
+        """The assignment as text: one row per tensor, then the totals."""
+        lines = [f"{'weight':60s} {'fmt':>6s} {'bits':>6s} {'bytes':>10s} {'sensitivity':>12s}"]
+        for a in self.assignment:
+            lines.append(f"{a.weight:60s} {a.fmt!s:>6s} {a.bits:6.2f} {a.nbytes:10d} {a.sensitivity:12.4g}")
+        nbytes = sum(a.nbytes for a in self.assignment)
+        params = sum(a.params for a in self.assignment)
+        counts: dict[str, int] = {}
+        for a in self.assignment:
+            counts[str(a.fmt)] = counts.get(str(a.fmt), 0) + 1
+        lines.append(f"total: {len(self.assignment)} tensors, {params} parameters, {nbytes} bytes, "
+                     f"{8.0 * nbytes / max(params, 1):.3f} bits/param (budget {self.budget}); formats "
+                     + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+        return "\n".join(lines)
+
+    # -- what to assign -----------------------------------------------------------------------------------------
+    def _weights(self, module: Module) -> dict[str, list[tuple[str, Function, Op]]]:
+        """Constant weights whose every use is a linear weight (or, with ``tables``, an embedding table)."""
+        out: dict[str, list[tuple[str, Function, Op]]] = {}
+        for c in module.constants.values():
+            t = c.type
+            if t.quant is not None or not t.dtype.is_float or t.rank != 2 or not c.uses:
+                continue
+            if not all(isinstance(d, int) for d in t.shape):
+                continue
+            ulist: list[tuple[str, Function, Op]] = []
+            for op, index in c.uses:
+                if op.opcode == "linear" and index == 1:
+                    ulist.append(("linear", op.parent, op))
+                elif op.opcode == "embedding" and index == 0 and self.tables:
+                    ulist.append(("embedding", op.parent, op))
+                else:
+                    break
+            else:
+                if not c.has_data:
+                    raise QirError(f"mixed-precision: weight @{c.name} has no data (the .qir text was read without "
+                                   "its .safetensors file); load the module with qir.load")
+                out[c.name] = ulist
+        return out
+
+    def _moments(self, module: Module, uses: dict[str, list[tuple[str, Function, Op]]]
+                 ) -> tuple[dict[int, np.ndarray], dict[str, np.ndarray]]:
+        """``E[x_k^2]`` per linear input (by value id) and token frequencies per table, from the calibration feeds."""
+        func = calibration_function(module, self.context.function)
+        feeds = list(self.context.batches("mixed-precision (sensitivities)"))[: max(self.windows, 1)]
+        watch: dict[int, Value] = {}
+        ids_of: dict[str, set[str]] = {}
+        for wname, ulist in uses.items():
+            for kind, f, op in ulist:
+                if f is not func:
+                    continue
+                if kind == "linear":
+                    watch[id(op.operands[0])] = op.operands[0]
+                elif not op.operands[1].is_constant:
+                    ids_of.setdefault(wname, set()).add(op.operands[1].name)
+        sums: dict[int, np.ndarray] = {}
+        counts: dict[int, int] = {}
+
+        def observe(value: Value, data: object) -> None:
+            if id(value) not in watch:
+                return
+            x = data.dequantize() if isinstance(data, quant.QTensor) else np.asarray(data)
+            x2 = np.square(np.asarray(x, np.float64)).reshape(-1, x.shape[-1])
+            sums[id(value)] = sums.get(id(value), 0) + x2.sum(axis=0)
+            counts[id(value)] = counts.get(id(value), 0) + x2.shape[0]
+
+        from qir.interpreter import Interpreter
+
+        interp = Interpreter(module)
+        for feed in feeds:
+            interp.run(feed, function=func.name, observer=observe)
+        second = {vid: sums[vid] / counts[vid] for vid in sums}
+        # decode's linears read other values than prefill's: give them the moments of the same weight's input
+        for ulist in uses.values():
+            known = [second[id(op.operands[0])] for kind, _f, op in ulist
+                     if kind == "linear" and id(op.operands[0]) in second]
+            for kind, _f, op in ulist:
+                if kind == "linear" and known and id(op.operands[0]) not in second:
+                    second[id(op.operands[0])] = known[0]
+        freq: dict[str, np.ndarray] = {}
+        for wname, names in ids_of.items():
+            vocab = int(module.constant(wname).type.shape[0])
+            cnt = np.zeros(vocab, np.float64)
+            for feed in feeds:
+                for name in names:
+                    if name in feed:
+                        ids = np.asarray(feed[name]).reshape(-1).astype(np.int64)
+                        cnt += np.bincount(ids[(ids >= 0) & (ids < vocab)], minlength=vocab)
+            if cnt.sum() > 0:
+                freq[wname] = cnt / cnt.sum()
+        return second, freq
+
+    # -- rewrite ------------------------------------------------------------------------------------------------
+    def _apply(self, module: Module, a: Assignment, ulist: list[tuple[str, Function, Op]]) -> None:
+        wname = a.weight
+        w = np.asarray(module.constant(wname).numpy(), dtype=np.float32)
+        qname = module.fresh_constant_name(f"{wname}.q")
+        sname = module.fresh_constant_name(f"{wname}.scale")
+        zname = None if self.symmetric else module.fresh_constant_name(f"{wname}.zp")
+        qt = _quantize(w, a.fmt, self.symmetric, sname, zname)
+        d = dtype(f"{'i' if self.symmetric else 'u'}{a.fmt.bits}")
+        spec = QuantSpec.per_axis(0, sname, zname) if a.fmt.group is None else QuantSpec.per_group(
+            1, a.fmt.group, sname, zname)
+        qc = module.add_constant(qname, qt.codes, type=TensorType.of(d, w.shape, spec), after=wname)
+        module.add_constant(sname, np.asarray(qt.scale, np.float32), after=qname)
+        if zname is not None:
+            module.add_constant(zname, np.asarray(qt.zero_point).astype(np.int8 if d.is_signed else np.uint8),
+                                after=sname)
+        for kind, func, op in ulist:
+            operands = [qc, op.operands[1]] if kind == "embedding" else [op.operands[0], qc, *op.operands[2:]]
+            self._replace(func, op, "qembedding" if kind == "embedding" else "qmatmul", operands)
+        module.remove_constant(wname)
+        module.rename_constant(qname, wname)
+
+    @staticmethod
+    def _replace(func: Function, op: Op, opcode: str, operands: list[Value]) -> None:
+        result = op.result
+        name = result.name
+        new = func.add_op(opcode, operands, result_types=[result.type], names=[name + ".new"], before=op, loc=op.loc)
+        result.replace_all_uses_with(new.result)
+        func.erase_op(op)
+        func.rename(new.result, name)

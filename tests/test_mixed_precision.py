@@ -1,0 +1,138 @@
+"""The ``mixed-precision`` pass: golden, candidates, allocation under the budget, sizes, meaning, composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_quantize import feeds, rel_err, run_out, tiny_lm
+
+import qir
+from qir.errors import QirError
+from qir.passes import PassContext, PassFailedError, PassManager, run_pipeline
+from qir.passes.mixed_precision import Candidate, allocate, parse_candidates
+from qir.printer import print_module
+
+GOLDEN = Path(__file__).parent / "golden" / "passes"
+
+
+def golden_ctx() -> PassContext:
+    return PassContext(calibration=[{"x": np.random.default_rng(0).standard_normal((1, 6, 8)).astype(np.float32)}])
+
+
+def run_mp(pipeline: str, module: qir.Module | None = None, ctx: PassContext | None = None):  # type: ignore[no-untyped-def]
+    pm = PassManager(pipeline, context=ctx or PassContext(calibration=feeds()))
+    out = pm.run(module if module is not None else tiny_lm())
+    return out, pm.passes[0]
+
+
+def test_golden() -> None:
+    src = qir.parse((GOLDEN / "mixed_precision.input.qir").read_text())
+    out = run_pipeline(src, 'mixed-precision{budget=14,candidates="8,4g4,2g4"}', context=golden_ctx())
+    assert print_module(out) == (GOLDEN / "mixed_precision.b14.expected.qir").read_text()
+
+
+def test_parse_candidates() -> None:
+    assert parse_candidates("8, 4,4g32,2g32") == [Candidate(8, None), Candidate(4, None), Candidate(4, 32),
+                                                  Candidate(2, 32)]
+    assert str(Candidate(4, 32)) == "4g32" and str(Candidate(8, None)) == "8"
+    for bad in ("3", "4g0", "x", ""):
+        with pytest.raises(QirError, match="candidate"):
+            parse_candidates(bad)
+
+
+def test_allocate_greedy() -> None:
+    # a: big drop for few bytes; b: small drop for many bytes
+    lo, hi = Candidate(4, None), Candidate(8, None)
+    opts = {"a": {lo: (10, 5.0), hi: (20, 1.0)}, "b": {lo: (100, 2.0), hi: (200, 1.9)}}
+    assert allocate(opts, 110) == {"a": lo, "b": lo}
+    assert allocate(opts, 120) == {"a": hi, "b": lo}
+    assert allocate(opts, 1000) == {"a": hi, "b": hi}
+    with pytest.raises(QirError, match="below the smallest assignment"):
+        allocate(opts, 100)
+
+
+def test_sizes_match_stored_bytes_and_budget() -> None:
+    src = tiny_lm()
+    for budget in (4.5, 6, 9):
+        out, mp = run_mp(f'mixed-precision{{budget={budget},candidates="8,4,4g16,2g16"}}', src)
+        qir.verify(out)
+        nbytes = sum(a.nbytes for a in mp.assignment)
+        params = sum(a.params for a in mp.assignment)
+        assert 8 * nbytes / params <= budget
+        # every tensor was assigned (7 linears + the tied table); bytes are what qir.stored_bytes counts
+        assert len(mp.assignment) == 8
+        quantized = sum(c.type.nbytes() for c in out.constants.values() if c.name != "norm")
+        assert quantized == nbytes
+        assert "total: 8 tensors" in mp.table()
+
+
+def test_more_budget_less_error() -> None:
+    src = tiny_lm()
+    feed = feeds(1, seed=5)[0]
+    ref = run_out(src, feed)
+    errs, sens = [], []
+    for budget in (4.2, 5, 6, 9):
+        out, mp = run_mp(f'mixed-precision{{budget={budget},candidates="8,4,4g16,2g16"}}', src)
+        errs.append(rel_err(run_out(out, feed), ref))
+        sens.append(sum(a.sensitivity for a in mp.assignment))
+    assert sens == sorted(sens, reverse=True) and sens[0] > sens[-1]
+    assert errs[0] > errs[-1] and errs[-1] < 0.02
+
+
+@settings(max_examples=6, deadline=None)
+@given(budget=st.floats(4.6, 12.0), seed=st.integers(0, 3), symmetric=st.booleans())
+def test_property_valid_and_rounding_bound(budget: float, seed: int, symmetric: bool) -> None:
+    """Valid module; each weight is within half a step of its float value (RTN) in the format chosen."""
+    src = tiny_lm(seed)
+    sym = str(symmetric).lower()
+    out, mp = run_mp(f'mixed-precision{{budget={budget},candidates="8,4,4g16,2g16",symmetric={sym}}}', src)
+    qir.verify(out)
+    for a in mp.assignment:
+        w = src.constant(a.weight).numpy()
+        c = out.constant(a.weight)
+        assert c.type.dtype.bits == a.fmt.bits and (c.type.quant.group_size == a.fmt.group)
+        scale = out.constant(c.type.quant.scale).numpy()
+        zp = None if symmetric else out.constant(c.type.quant.zero_point).numpy().astype(np.float32)
+        codes = c.numpy().astype(np.float32)
+        if a.fmt.group is None:
+            s = scale[:, None]
+            z = 0 if zp is None else zp[:, None]
+        else:
+            s = np.repeat(scale, a.fmt.group, axis=1)[:, : w.shape[1]]
+            z = 0 if zp is None else np.repeat(zp, a.fmt.group, axis=1)[:, : w.shape[1]]
+        assert np.all(np.abs(s * (codes - z) - w) <= s / 2 + 1e-6)
+
+
+def test_composes_with_quantize_and_dce() -> None:
+    """``tables=false`` leaves the tied table to ``quantize``; already quantized weights are not touched again."""
+    out, mp = run_mp('mixed-precision{budget=7,candidates="8,4g16",tables=false},quantize{scheme=w8a16},dce')
+    qir.verify(out)
+    assert {a.weight for a in mp.assignment} == {n for n in tiny_lm().constants if n.startswith("layer.")}
+    assert str(out.constant("embed").type).startswith("i8[40,48] q(axis=0")  # quantize's default i8 table
+    for a in mp.assignment:
+        assert out.constant(a.weight).type.dtype.bits == a.fmt.bits
+    assert "linear" not in print_module(out)
+
+
+def test_decode_uses_prefill_moments() -> None:
+    src = tiny_lm(two_functions=True)
+    out, mp = run_mp('mixed-precision{budget=6,candidates="8,4,4g16"}', src, PassContext(calibration=feeds(),
+                                                                                       function="prefill"))
+    qir.verify(out)
+    text = print_module(out)
+    assert "linear" not in text and text.count("qembedding") == 2
+    feed = feeds(1, seed=3)[0]
+    assert rel_err(run_out(out, feed, "prefill"), run_out(src, feed, "prefill")) < 0.2
+
+
+def test_errors() -> None:
+    with pytest.raises(PassFailedError, match="calibration data"):
+        run_pipeline(tiny_lm(), "mixed-precision")
+    with pytest.raises(PassFailedError, match=r"below the smallest assignment .* bits/param"):
+        run_mp('mixed-precision{budget=2,candidates="8,4"}')
+    with pytest.raises(PassFailedError, match="candidate '5'"):
+        run_mp('mixed-precision{candidates="8,5"}')
