@@ -40,32 +40,28 @@ def plain(op: str, role: str, t: TensorType) -> TensorType:
     return t
 
 
-def need_float(op: str, role: str, t: TensorType) -> TensorType:
+def _need(op: str, role: str, t: TensorType, ok: bool, what: str) -> TensorType:
+    """``t`` when it is a plain tensor and ``ok``; otherwise raise saying ``role`` must be ``what``."""
     plain(op, role, t)
-    if not t.dtype.is_float:
-        fail(op, f"{role} must be a float tensor, got {t}")
+    if not ok:
+        fail(op, f"{role} must be {what}, got {t}")
     return t
+
+
+def need_float(op: str, role: str, t: TensorType) -> TensorType:
+    return _need(op, role, t, t.dtype.is_float, "a float tensor")
 
 
 def need_numeric(op: str, role: str, t: TensorType) -> TensorType:
-    plain(op, role, t)
-    if not (t.dtype.is_float or t.dtype.is_integer):
-        fail(op, f"{role} must be a float or integer tensor, got {t}")
-    return t
+    return _need(op, role, t, t.dtype.is_float or t.dtype.is_integer, "a float or integer tensor")
 
 
 def need_integer(op: str, role: str, t: TensorType) -> TensorType:
-    plain(op, role, t)
-    if not t.dtype.is_integer:
-        fail(op, f"{role} must be an integer tensor, got {t}")
-    return t
+    return _need(op, role, t, t.dtype.is_integer, "an integer tensor")
 
 
 def need_bool(op: str, role: str, t: TensorType) -> TensorType:
-    plain(op, role, t)
-    if t.dtype.kind != "bool":
-        fail(op, f"{role} must be a bool tensor, got {t}")
-    return t
+    return _need(op, role, t, t.dtype.kind == "bool", "a bool tensor")
 
 
 def same_dtype(op: str, types: Sequence[TensorType], roles: Sequence[str]) -> DType:
