@@ -137,6 +137,7 @@ class _Lowerer:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, TensorProto] = {}
         self.names: set[str] = set()
+        self.tname: dict[str, str] = {}  # constant -> its transposed initializer
         self.vname: dict[int, str] = {}
         self.cname: dict[str, str] = {}
         self.qinfo: dict[int, _QInfo] = {}
@@ -443,7 +444,16 @@ class _Lowerer:
         self.set(op, y)
 
     def transposed_float(self, w: Value) -> str:
-        """``w.T`` of a 2-D weight: a ``Transpose`` node on the initializer (ORT folds it at load)."""
+        """``w.T`` of a 2-D weight. A constant read only as a ``linear`` weight is stored transposed (``<w>::T``,
+        ``[K, N]``), the layout ``torch.onnx.export`` writes: ORT would fold a ``Transpose`` at load anyway, but
+        tools that rewrite the file (ONNX Runtime's own quantizers, NPU converters) only recognise a ``MatMul``
+        whose weight is an initializer. Anything else (a weight tied to an embedding) keeps a ``Transpose``."""
+        if w.is_constant and w.type.quant is None and all(
+                u.opcode == "linear" and u.operands[1] is w and u.operands[0] is not w for u in w.users()):
+            if w.name not in self.tname:
+                self.tname[w.name] = self.init(f"{w.name}::T", np.ascontiguousarray(self.const_data(w.name).T),
+                                               exact=True)
+            return self.tname[w.name]
         return self.node("Transpose", [self.val(w)], hint=f"{w.name}::T", perm=[1, 0])
 
     def op_embedding(self, op: Op, a: Any) -> None:
