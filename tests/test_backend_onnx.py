@@ -224,6 +224,30 @@ def test_sub_byte_qembedding_is_stored_packed_and_exact(dt: str, kw: dict[str, o
         np.testing.assert_array_equal(o, ref)
 
 
+@pytest.mark.parametrize("x_spec", [None, QuantSpec.dynamic_spec(axis=2, group_size=32)])
+def test_tied_int8_table_is_stored_once(x_spec: QuantSpec | None) -> None:
+    """A table read by an embedding lookup and by a head (weight-only or w8a8) is one initializer."""
+    rng = np.random.default_rng(6)
+    m = qir.Module("tied")
+    tab = _weight(m, "tab", rng.standard_normal((50, 32)).astype(np.float32), "i8", axis=0)
+    f = m.add_function("main")
+    ids = f.add_input("ids", TensorType.of("i64", [1, "seq"]))
+    e = f.add_op("qembedding", [tab, ids], names=["e"]).result
+    if x_spec is not None:
+        e = f.add_op("quantize", [e], result_types=[TensorType.of("i8", [1, "seq", 32], x_spec)],
+                     names=["e.q"]).result
+    f.set_outputs([f.add_op("qmatmul", [e, tab], result_types=[TensorType.of("f32", [1, "seq", 50])],
+                            names=["logits"]).result])
+    idv = np.array([[3, 0, 49, 7]], np.int64)
+    (ref,) = run(m, [idv])
+    lf = lower_function(m)
+    onnx.checker.check_model(lf.model, full_check=True)
+    big = [t.name for t in lf.model.graph.initializer if int(np.prod(t.dims)) == 50 * 32]
+    assert big == ["tab"]
+    (o,) = _ort_run(lf.model, {"ids": idv}, "all")
+    np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5)
+
+
 # -- targets, legality, artifacts -----------------------------------------------------------------------------
 def test_targets_load_with_sources() -> None:
     for name in ("ort-cpu", "ort-ascend"):

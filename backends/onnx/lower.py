@@ -898,13 +898,23 @@ class _Lowerer:
         self.fallbacks.append(f"qmatmul %{h} (weight @{w.name} {w.type}) kept in f16")
         return self.node("Cast", [y], out, hint=h, to=TensorProto.FLOAT)
 
+    def tied_codes_t(self, w: Value, h: str) -> str | None:
+        """``codes(w).T`` as a ``Transpose`` of the codes initializer that an embedding lookup also reads, so a
+        tied 8-bit embedding/head table is stored once (ORT folds the Transpose when it loads the model); None
+        when ``w`` is not such a table (then the caller stores the transposed codes)."""
+        if w.type.dtype.bits != 8 or all(u.opcode == "qmatmul" for u in w.users()):
+            return None
+        return self.node("Transpose", [self.const(w)], hint=f"{w.name}::T", perm=[1, 0])
+
     def weight_t_dq(self, w: Value, h: str) -> str:
         """``dequantize(w).T`` as ``DequantizeLinear`` on the transposed codes (``[K, N]``)."""
         t = w.type
         spec = t.quant
         assert spec is not None
-        codes = np.asarray(self.module.constant(w.name).numpy())
-        cn = self.init(f"{w.name}::T", np.ascontiguousarray(codes.T), exact=True)
+        cn = self.tied_codes_t(w, h)
+        if cn is None:
+            codes = np.asarray(self.module.constant(w.name).numpy())
+            cn = self.init(f"{w.name}::T", np.ascontiguousarray(codes.T), exact=True)
         s, z = self.param_inits(t, f"{w.name}::T", transpose=True)
         kw: dict[str, Any] = {}
         if spec.axis is not None:
@@ -995,7 +1005,9 @@ class _Lowerer:
         y: str | None = None
         for gi, (lo, hi) in enumerate(groups):
             sub = f"{w.name}::T" if len(groups) == 1 else f"{w.name}::T.g{gi}"
-            wt = self.init(sub, np.ascontiguousarray(codes[:, lo:hi].T.astype(wdt)), exact=True)
+            wt = self.tied_codes_t(w, h) if len(groups) == 1 else None
+            if wt is None:
+                wt = self.init(sub, np.ascontiguousarray(codes[:, lo:hi].T.astype(wdt)), exact=True)
             b_zp = None
             wz = None
             if zp is not None:
