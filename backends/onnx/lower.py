@@ -46,6 +46,7 @@ from qir.dtypes import u8 as u8_dtype
 from qir.errors import QirError
 from qir.graph import Constant, Function, Module, Op, Value
 from qir.ops import get_op
+from qir.quant import expand_params
 from qir.quantspec import QuantSpec
 from qir.shapes import Dim, SymDim, dim
 from qir.types import TensorType
@@ -247,6 +248,13 @@ class _Lowerer:
         else:
             zp = np.asarray(spec.zero_point, np.int64)
         return scale, zp
+
+    def offset_data(self, t: TensorType) -> np.ndarray | None:
+        """The f32 offset of a static quantized type in the spec's layout (dequantized if two-level), or None."""
+        spec = t.quant
+        if spec is None or spec.offset is None:
+            return None
+        return _f32(self.const_data(spec.offset))
 
     def param_inits(self, t: TensorType, owner: str, *, transpose: bool = False) -> tuple[str, str | None]:
         """ONNX ``(scale, zero_point)`` initializers for a static quantized type (zero point in the storage type)."""
@@ -816,7 +824,12 @@ class _Lowerer:
                 kw["axis"] = t.quant.axis
             if t.quant is not None and t.quant.group_size is not None:
                 kw["block_size"] = t.quant.group_size
-            y = self.node("DequantizeLinear", [self.val(q), s, z], final, hint=h, **kw)
+            off = self.offset_data(t) if q.is_constant else None
+            y = self.node("DequantizeLinear", [self.val(q), s, z], final if off is None else None, hint=h, **kw)
+            if off is not None:
+                full = expand_params(off, t.quant, tuple(int(d) for d in t.shape)) if t.quant else off
+                y = self.node("Add", [y, self.init(f"{q.name}::offset.full", np.ascontiguousarray(full))], final,
+                              hint=h)
         else:
             info = self.qvalue(q)
             y = self.dequant_explicit(info, final, h)
@@ -893,6 +906,13 @@ class _Lowerer:
         t = w.type
         spec = t.quant
         assert spec is not None
+        if w.name in self.cname and t.dtype.bits == 8 and spec.axis == 1 and spec.group_size is not None:
+            # The codes are already in the file untransposed (a tied embedding table): dequantize those and
+            # transpose the result rather than storing the table twice.
+            s, z = self.param_inits(t, w.name)
+            dq = self.node("DequantizeLinear", [self.cname[w.name], s, z], hint=f"{h}::w", axis=1,
+                           block_size=spec.group_size)
+            return self.node("Transpose", [dq], hint=f"{h}::w", perm=[1, 0])
         codes = np.asarray(self.module.constant(w.name).numpy())
         cn = self.init(f"{w.name}::T", np.ascontiguousarray(codes.T), exact=True)
         s, z = self.param_inits(t, f"{w.name}::T", transpose=True)
@@ -911,10 +931,35 @@ class _Lowerer:
         assert spec is not None
         n, k = w.type.shape
         g = spec.group_size
+        off = self.offset_data(w.type)
+        main_out = out if off is None else None
         if (self.opts.int4 == "nbits" and self.opts.contrib_ops and w.type.dtype.bits == 4 and g is not None
                 and g >= 16 and g & (g - 1) == 0):
-            return self.matmul_nbits(xn, w, out, h)
-        return self.node("MatMul", [xn, self.weight_t_dq(w, h)], out, hint=h)
+            y = self.matmul_nbits(xn, w, main_out, h)
+        else:
+            y = self.node("MatMul", [xn, self.weight_t_dq(w, h)], main_out, hint=h)
+        if off is None:
+            return y
+        return self.node("Add", [y, self.offset_term(xn, x.type.rank, w, off, h)], out, hint=h)
+
+    def offset_term(self, xn: str, rank: int, w: Value, off: np.ndarray, h: str) -> str:
+        """``x @ offset_full.T`` for a weight ``x~ = scale*q + offset`` (GGUF minimums) without expanding it.
+
+        The offset is constant over each block of ``g`` inputs, so ``sum_k x_k m_b(k) = sum_b (sum_{k in b} x_k)
+        m_b``: block sums of ``x`` (``Reshape`` + ``ReduceSum``) times the ``[K/g, N]`` offsets. Exact in real
+        arithmetic; the extra work is ``1/g`` of the main matmul. MatMulNBits itself has no float minimum.
+        """
+        spec = w.type.quant
+        assert spec is not None and spec.group_size is not None
+        n, k = (int(d) for d in w.type.shape)
+        g = spec.group_size
+        if k % g:
+            raise LowerError(f"qmatmul with @{w.name}: an offset needs whole groups ({k} inputs, groups of {g})")
+        nb = k // g
+        xs = self.node("Reshape", [xn, self.i64([0] * (rank - 1) + [nb, g])], hint=f"{h}::xblk")
+        sums = self.node("ReduceSum", [xs, self.i64([-1])], hint=f"{h}::xblk", keepdims=0)
+        mt = self.init(f"{w.name}::offset.T", np.ascontiguousarray(off.reshape(n, nb).T))
+        return self.node("MatMul", [sums, mt], hint=f"{h}::offset")
 
     def matmul_nbits(self, xn: str, w: Value, out: str | None, h: str) -> str:
         """``com.microsoft.MatMulNBits``: 4-bit codes as unsigned nibbles (low nibble first), blocks along K."""
@@ -1054,7 +1099,12 @@ class _Lowerer:
             if zp is not None:
                 zb = self.node("Gather", [self.init(f"{table.name}::zp.col", zp.reshape(-1, 1).astype(np.int32)),
                                           self.val(ids)], hint=h, axis=0)
+        elif int(t.shape[1]) % spec.group_size == 0:
+            self.set(op, self.embedding_blocks(op, codes, scale, zp, h))
+            return
         else:
+            if spec.offset is not None:
+                raise LowerError(f"qembedding -> %{h}: an offset needs whole groups along the row of @{table.name}")
             d = int(t.shape[1])
             rep = np.repeat(scale, spec.group_size, axis=1)[:, :d]
             sb = self.node("Gather", [self.init(f"{table.name}::scale.full", rep), self.val(ids)], hint=h, axis=0)
@@ -1071,6 +1121,43 @@ class _Lowerer:
         if out_dt.name != "f32":
             y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
         self.set(op, y)
+
+
+    def embedding_blocks(self, op: Op, codes: str, scale: np.ndarray, zp: np.ndarray | None, h: str) -> str:
+        """Rows of a per-group table: gathered codes ``[.., nb, g]`` times gathered ``[.., nb, 1]`` scales (plus
+        the offset), so the scales stay one per group in the file instead of one per element."""
+        table, ids = op.operands
+        t = table.type
+        spec = t.quant
+        assert spec is not None and spec.group_size is not None
+        d = int(t.shape[1])
+        g = spec.group_size
+        nb = d // g
+        r = ids.type.rank
+        idn = self.val(ids)
+        rows = self.node("Gather", [codes, idn], hint=h, axis=0)
+        c = self.node("Cast", [rows], hint=h, to=TensorProto.INT32)
+        blk = self.i64([0] * r + [nb, g])
+        if zp is not None:
+            zb = self.node("Gather", [self.init(f"{table.name}::zp.blk", zp.reshape(-1, nb, 1).astype(np.int32)),
+                                      idn], hint=h, axis=0)
+            c = self.node("Sub", [self.node("Reshape", [c, blk], hint=h), zb], hint=h)
+        else:
+            c = self.node("Reshape", [c, blk], hint=h)
+        cf = self.node("Cast", [c], hint=h, to=TensorProto.FLOAT)
+        sb = self.node("Gather", [self.init(f"{table.name}::scale.blk", np.ascontiguousarray(
+            scale.reshape(-1, nb, 1))), idn], hint=h, axis=0)
+        y = self.node("Mul", [cf, sb], hint=h)
+        off = self.offset_data(t)
+        if off is not None:
+            ob = self.node("Gather", [self.init(f"{table.name}::offset.blk", np.ascontiguousarray(
+                off.reshape(-1, nb, 1))), idn], hint=h, axis=0)
+            y = self.node("Add", [y, ob], hint=h)
+        out_dt = op.result.type.dtype
+        y = self.node("Reshape", [y, self.i64([0] * r + [d])], h if out_dt.name == "f32" else None, hint=h)
+        if out_dt.name != "f32":
+            y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
+        return y
 
 
 _SIMPLE: dict[str, str] = {
