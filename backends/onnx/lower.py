@@ -111,6 +111,18 @@ class LoweredFunction:
     fallbacks: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _NBits:
+    """MatMulNBits initializers of one weight: codes ``[N, nb, blob]``, scales, zero points (or the default)."""
+
+    codes: str
+    scale: str
+    zp: str | None
+    bits: int
+    group: int
+    default_zp: int | None  # the zero point MatMulNBits assumes when ``zp`` is None
+
+
 @dataclass
 class _QInfo:
     """A quantized activation in the ONNX graph: codes, and scale / zero point broadcastable against the codes."""
@@ -140,6 +152,7 @@ class _Lowerer:
         self.names: set[str] = set()
         self.vname: dict[int, str] = {}
         self.cname: dict[str, str] = {}
+        self.nbits: dict[str, _NBits] = {}
         self.qinfo: dict[int, _QInfo] = {}
         self.syms: dict[str, tuple[str, int, int]] = {}
         self.dim_cache: dict[str, str] = {}
@@ -916,6 +929,11 @@ class _Lowerer:
         codes = np.asarray(self.module.constant(w.name).numpy())
         cn = self.init(f"{w.name}::T", np.ascontiguousarray(codes.T), exact=True)
         s, z = self.param_inits(t, f"{w.name}::T", transpose=True)
+        if z is None and not t.dtype.is_signed and spec.group_size is not None:
+            # ORT (1.32) fuses blocked DequantizeLinear + MatMul into MatMulNBits, whose default zero point is
+            # 2**(bits-1), not DequantizeLinear's 0: an explicit 0 keeps unsigned codes (GGUF Q5_1) right.
+            kn, nn = codes.T.shape
+            z = self.init(f"{w.name}::T::zp0", np.zeros((-(-kn // spec.group_size), nn), t.dtype.numpy))
         kw: dict[str, Any] = {}
         if spec.axis is not None:
             kw["axis"] = 1 - spec.axis
@@ -933,14 +951,20 @@ class _Lowerer:
         g = spec.group_size
         off = self.offset_data(w.type)
         main_out = out if off is None else None
-        if (self.opts.int4 == "nbits" and self.opts.contrib_ops and w.type.dtype.bits == 4 and g is not None
-                and g >= 16 and g & (g - 1) == 0):
+        if self.nbits_fits(w):
             y = self.matmul_nbits(xn, w, main_out, h)
         else:
             y = self.node("MatMul", [xn, self.weight_t_dq(w, h)], main_out, hint=h)
         if off is None:
             return y
         return self.node("Add", [y, self.offset_term(xn, x.type.rank, w, off, h)], out, hint=h)
+
+    def nbits_fits(self, w: Value) -> bool:
+        """Whether a weight-only qmatmul on ``w`` lowers to MatMulNBits (4- or 8-bit, blocks of 2**j >= 16)."""
+        spec = w.type.quant
+        g = None if spec is None else spec.group_size
+        return (self.opts.int4 == "nbits" and self.opts.contrib_ops and w.type.dtype.bits in (4, 8)
+                and spec is not None and spec.axis == 1 and g is not None and g >= 16 and g & (g - 1) == 0)
 
     def offset_term(self, xn: str, rank: int, w: Value, off: np.ndarray, h: str) -> str:
         """``x @ offset_full.T`` for a weight ``x~ = scale*q + offset`` (GGUF minimums) without expanding it.
@@ -962,36 +986,61 @@ class _Lowerer:
         return self.node("MatMul", [sums, mt], hint=f"{h}::offset")
 
     def matmul_nbits(self, xn: str, w: Value, out: str | None, h: str) -> str:
-        """``com.microsoft.MatMulNBits``: 4-bit codes as unsigned nibbles (low nibble first), blocks along K."""
+        """``com.microsoft.MatMulNBits``: 4-bit codes as unsigned nibbles (low nibble first) or 8-bit codes as
+        bytes, blocks along K, fp32 compute (``accuracy_level=0``)."""
+        t = w.type
+        n, k = (int(d) for d in t.shape)
+        blob = self.nbits_blob(w)
+        ins = [xn, blob.codes, blob.scale] + ([blob.zp] if blob.zp is not None else [])
+        return self.node("MatMulNBits", ins, out, hint=h, domain=MS_DOMAIN, K=k, N=n, bits=blob.bits,
+                         block_size=blob.group, accuracy_level=0)
+
+    def nbits_blob(self, w: Value) -> _NBits:
+        """The MatMulNBits initializers of a per-group 4- or 8-bit weight (made once per weight).
+
+        Codes are unsigned with a default zero point of ``2**(bits-1)``: signed codes are shifted by it (``q - zp``
+        unchanged); unsigned codes without a zero point get an explicit 0.
+        """
+        if w.name in self.nbits:
+            return self.nbits[w.name]
         t = w.type
         spec = t.quant
         assert spec is not None and spec.group_size is not None
+        bits = t.dtype.bits
         n, k = (int(d) for d in t.shape)
         g = spec.group_size
         nb = -(-k // g)
         codes = np.asarray(self.module.constant(w.name).numpy()).astype(np.int16)
         scale, zp = self.params(t, w.name)
+        mid = 1 << (bits - 1)
         if t.dtype.is_signed:
-            # MatMulNBits codes are unsigned with zero point 8 by default: q + 8 keeps q - zp unchanged.
-            u = codes + 8
-            zpu = None if zp is None else zp + 8
+            u = codes + mid
+            zpu = None if zp is None else zp + mid
         else:
+            # GGUF Q4_1 / Q4_K / Q5_1: unsigned codes whose minimum is a separate offset; zero point 0 explicitly.
             u = codes
-            zpu = zp
+            zpu = zp if zp is not None else np.zeros((n, nb), np.int64)
         padded = np.zeros((n, nb * g), np.uint8)
         padded[:, :k] = u.astype(np.uint8)
         blocks = padded.reshape(n, nb, g)
-        packed = (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+        if bits == 4:
+            packed = (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+        else:
+            packed = blocks
         bn = self.init(f"{w.name}::nbits", packed, exact=True)
         sn = self.init(f"{w.name}::nbits.scale", np.ascontiguousarray(scale.reshape(n * nb)))
-        ins = [xn, bn, sn]
+        zn = None
         if zpu is not None:
-            zb = np.full((n, nb + (nb % 2)), 8, np.uint8)
-            zb[:, :nb] = np.broadcast_to(zpu, (n, nb)).astype(np.uint8)
-            zpacked = (zb[:, 0::2] | (zb[:, 1::2] << 4)).astype(np.uint8)
-            ins.append(self.init(f"{w.name}::nbits.zp", zpacked.reshape(-1)))
-        return self.node("MatMulNBits", ins, out, hint=h, domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=g,
-                         accuracy_level=0)
+            if bits == 4:
+                zb = np.full((n, nb + (nb % 2)), mid, np.uint8)
+                zb[:, :nb] = np.broadcast_to(zpu, (n, nb)).astype(np.uint8)
+                zpacked = (zb[:, 0::2] | (zb[:, 1::2] << 4)).astype(np.uint8)
+            else:
+                zpacked = np.ascontiguousarray(np.broadcast_to(zpu, (n, nb)).astype(np.uint8))
+            zn = self.init(f"{w.name}::nbits.zp", zpacked.reshape(-1))
+        blob = _NBits(bn, sn, zn, bits, g, mid if zpu is None else None)
+        self.nbits[w.name] = blob
+        return blob
 
     def qmatmul_qdq(self, x: Value, w: Value, out: str | None, h: str) -> str:
         xq = self.qvalue(x)
@@ -1083,6 +1132,9 @@ class _Lowerer:
             self.fallbacks.append(f"qembedding %{h} (table @{table.name} {t}) kept in f16")
             self.set(op, self.node("Cast", [rows], h, to=onnx_dtype(op.result.type.dtype)))
             return
+        if self.shares_nbits(table):
+            self.set(op, self.embedding_from_nbits(op, h))
+            return
         codes = self.const(table) if t.dtype.bits == 8 else self.init(
             f"{table.name}::i8", np.asarray(self.module.constant(table.name).numpy()).astype(
                 np.int8 if t.dtype.is_signed else np.uint8), exact=True)
@@ -1122,6 +1174,47 @@ class _Lowerer:
             y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
         self.set(op, y)
 
+
+    def shares_nbits(self, table: Value) -> bool:
+        """A tied 8-bit per-group table whose head lowers to MatMulNBits: gather from the same bytes."""
+        if table.type.dtype.bits != 8 or not self.nbits_fits(table) or int(table.type.shape[1]) % (
+                table.type.quant.group_size or 1):
+            return False
+        return any(op.opcode == "qmatmul" and i == 1 and op.parent is self.func and op.operands[0].type.quant is None
+                   and op.result.name not in self.opts.fallback_float for op, i in table.uses)
+
+    def embedding_from_nbits(self, op: Op, h: str) -> str:
+        """Rows of a tied 8-bit table from its MatMulNBits blob ``[vocab, nb, g]`` (stored once for both users)."""
+        table, ids = op.operands
+        t = table.type
+        spec = t.quant
+        assert spec is not None and spec.group_size is not None
+        blob = self.nbits_blob(table)
+        d = int(t.shape[1])
+        nb = d // spec.group_size
+        r = ids.type.rank
+        idn = self.val(ids)
+        c = self.node("Cast", [self.node("Gather", [blob.codes, idn], hint=h, axis=0)], hint=h, to=TensorProto.INT32)
+        if blob.zp is not None:
+            zb = self.node("Gather", [self.node("Reshape", [blob.zp, self.i64([-1, nb, 1])], hint=h), idn], hint=h,
+                           axis=0)
+            c = self.node("Sub", [c, self.node("Cast", [zb], hint=h, to=TensorProto.INT32)], hint=h)
+        else:
+            c = self.node("Sub", [c, self.lit(blob.default_zp or 0, np.int32)], hint=h)
+        cf = self.node("Cast", [c], hint=h, to=TensorProto.FLOAT)
+        sb = self.node("Gather", [self.node("Reshape", [blob.scale, self.i64([-1, nb, 1])], hint=h), idn], hint=h,
+                       axis=0)
+        y = self.node("Mul", [cf, sb], hint=h)
+        off = self.offset_data(t)
+        if off is not None:
+            ob = self.node("Gather", [self.init(f"{table.name}::offset.blk", np.ascontiguousarray(
+                off.reshape(-1, nb, 1))), idn], hint=h, axis=0)
+            y = self.node("Add", [y, ob], hint=h)
+        out_dt = op.result.type.dtype
+        y = self.node("Reshape", [y, self.i64([0] * r + [d])], h if out_dt.name == "f32" else None, hint=h)
+        if out_dt.name != "f32":
+            y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
+        return y
 
     def embedding_blocks(self, op: Op, codes: str, scale: np.ndarray, zp: np.ndarray | None, h: str) -> str:
         """Rows of a per-group table: gathered codes ``[.., nb, g]`` times gathered ``[.., nb, 1]`` scales (plus
