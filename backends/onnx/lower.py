@@ -948,7 +948,6 @@ class _Lowerer:
         spec = w.type.quant
         assert spec is not None
         n, k = w.type.shape
-        g = spec.group_size
         off = self.offset_data(w.type)
         main_out = out if off is None else None
         if self.nbits_fits(w):
