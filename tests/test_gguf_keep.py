@@ -203,3 +203,35 @@ def test_kept_module_runs_on_onnx_runtime(tmp_path: Path, q_type: object) -> Non
     sizes = {i.name: int(np.prod(i.dims)) for i in lowered.model.graph.initializer}
     table = sum(v for k, v in sizes.items() if k.startswith("hf.lm_head.weight"))
     assert VOCAB * DIM <= table < VOCAB * DIM * 1.1
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K", "Q5_0"])
+def test_k_quants_run_on_onnx_runtime(type_name: str) -> None:
+    """Two-level scales (and minimums) lower with their real values expanded to one f32 per sub-block."""
+    from test_gguf_blocks import k_blocks
+
+    from qir.backends.onnx.lower import lower_function
+    from qir.backends.onnx.runtime import make_session, run_session
+    from qir.gguf_blocks import decode_blocks
+
+    rng = np.random.default_rng(5)
+    rows, cols = 8, 512
+    if type_name == "Q5_0":
+        raw = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), Q.Q5_0)
+    else:
+        raw = k_blocks(type_name, rows * cols // 256, rng)
+    bw = decode_blocks(raw, type_name, (rows, cols), "w")
+    m = Module("k")
+    for name, (arr, t) in bw.constants.items():
+        m.add_constant(name, arr, type=t)
+    w = m.add_constant("w", bw.codes, type=bw.type)
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [1, "seq", cols]))
+    f.set_outputs([f.add_op("qmatmul", [x, w], names=["y"]).result])
+    verify(m)
+    xs = rng.standard_normal((1, 3, cols)).astype(np.float32)
+    want = np.asarray(run(m, [xs])[0])
+    lowered = lower_function(m)
+    assert "MatMulNBits" in {n.op_type for n in lowered.model.graph.node}
+    got = run_session(make_session(lowered.model.SerializeToString()), {"x": xs})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
