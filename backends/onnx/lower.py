@@ -981,7 +981,14 @@ class _Lowerer:
         nb = k // g
         xs = self.node("Reshape", [xn, self.i64([0] * (rank - 1) + [nb, g])], hint=f"{h}::xblk")
         sums = self.node("ReduceSum", [xs, self.i64([-1])], hint=f"{h}::xblk", keepdims=0)
-        mt = self.init(f"{w.name}::offset.T", np.ascontiguousarray(off.reshape(n, nb).T))
+        mt_arr = np.ascontiguousarray(off.reshape(n, nb).T)
+        half = mt_arr.astype(np.float16)
+        if np.array_equal(half.astype(np.float32), mt_arr):
+            # GGUF minimums are fp16: store them so (half the bytes); ORT folds the Cast when it loads the model.
+            mt = self.node("Cast", [self.init(f"{w.name}::offset.T.f16", half)], hint=f"{h}::offset",
+                           to=TensorProto.FLOAT)
+        else:
+            mt = self.init(f"{w.name}::offset.T", mt_arr)
         return self.node("MatMul", [sums, mt], hint=f"{h}::offset")
 
     def matmul_nbits(self, xn: str, w: Value, out: str | None, h: str) -> str:
