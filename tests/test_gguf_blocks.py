@@ -112,3 +112,37 @@ def test_unsupported_type_is_refused_by_name() -> None:
 def test_wrong_byte_count_is_refused() -> None:
     with pytest.raises(GGUFFormatError, match="needs 34 bytes, got 33"):
         decode_blocks(np.zeros(33, np.uint8), "Q8_0", (1, 32), "w")
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_0", "Q4_K", "Q6_K"])
+def test_embedding_rows_bit_exact_and_on_onnx_runtime(type_name: str) -> None:
+    """``qembedding`` of a GGUF table gives gguf's rows bit for bit; ort-cpu gathers blocks, not expanded scales."""
+    from qir.backends.onnx.lower import lower_function
+    from qir.backends.onnx.runtime import make_session, run_session
+
+    rng = np.random.default_rng(11)
+    vocab, dim = 16, 256
+    if type_name in K_QUANTS:
+        raw = k_blocks(type_name, vocab * dim // 256, rng)
+    else:
+        raw = gguf.quants.quantize(rng.standard_normal((vocab, dim)).astype(np.float32),
+                                   gguf.GGMLQuantizationType[type_name])
+    table = gguf.quants.dequantize(raw.reshape(vocab, -1), gguf.GGMLQuantizationType[type_name]).astype(np.float32)
+    bw = decode_blocks(raw, type_name, (vocab, dim), "emb")
+    m = Module("e")
+    for name, (arr, t) in bw.constants.items():
+        m.add_constant(name, arr, type=t)
+    emb = m.add_constant("emb", bw.codes, type=bw.type)
+    f = m.add_function("main")
+    ids = f.add_input("ids", TensorType.of("i64", [1, "seq"]))
+    f.set_outputs([f.add_op("qembedding", [emb, ids], names=["rows"]).result])
+    verify(m)
+    tokens = np.array([[3, 0, 15, 3, 9]], np.int64)
+    got = np.asarray(run(m, [tokens])[0])
+    want = table[tokens]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    lowered = lower_function(m)
+    largest = max(int(np.prod(i.dims)) for i in lowered.model.graph.initializer if i.data_type == 1)  # f32
+    assert largest < vocab * dim  # scales (and minimums) per block, not per element
+    ort = run_session(make_session(lowered.model.SerializeToString()), {"ids": tokens})[0]
+    np.testing.assert_allclose(ort, want, rtol=1e-6, atol=1e-6)
