@@ -235,3 +235,25 @@ def test_k_quants_run_on_onnx_runtime(type_name: str) -> None:
     assert "MatMulNBits" in {n.op_type for n in lowered.model.graph.node}
     got = run_session(make_session(lowered.model.SerializeToString()), {"x": xs})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize(("model", "keep"), [("smollm2-135m", True), ("x.gguf", True), ("out/x.qir", False)])
+def test_preset_keep_imports_with_keep_quantized(monkeypatch: pytest.MonkeyPatch, model: str, keep: bool) -> None:
+    """``qir compile MODEL --preset keep``: no pipeline; GGUF sources import with keep_quantized, .qir files as is."""
+    import qir.frontend.importer as importer
+    from qir.tools import compile_cli
+
+    seen: dict[str, object] = {}
+
+    def fake_import(name: str, **kw: object) -> object:
+        seen.update(kw)
+        raise QirError("stop here")
+
+    monkeypatch.setattr(importer, "import_model", fake_import)
+    parser = __import__("argparse").ArgumentParser()
+    compile_cli.add_compile_parser(parser.add_subparsers())
+    args = parser.parse_args(["compile", model, "--preset", "keep", "-o", "out"])
+    assert compile_cli.PRESETS["keep"] == ""
+    with pytest.raises(QirError, match="stop here"):
+        args.func(args)
+    assert seen["keep_quantized"] is keep
