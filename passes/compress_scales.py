@@ -7,10 +7,11 @@ float scale (and, for GGUF's ``_1`` formats, one float minimum, the spec's ``off
 of 32 weights with fp16 scale and minimum, one bit per weight. This pass quantizes those constants per output row,
 two-level::
 
-    scale[r, b]  ~  row_scale[r] * sc[r, b]     sc: u8 (i8 when the row holds negative scales), row_scale: f16
-    offset[r, b] ~  row_min[r] * mn[r, b]       mn: i8 (symmetric: minimums are negative as often as not)
+    scale[r, b]  ~  scale.row[r] * sc[r, b] + scale.base[r]     sc: u8, scale.row and scale.base: f16
+    offset[r, b] ~  min.row[r] * mn[r, b] + min.base[r]         mn: u8
 
-which halves their cost (Q4_1: 5.0 -> 4.5 bits per weight, plus 32 bits per row). ``bits=4`` stores them as 4-bit
+asymmetric over each row's own range (the per-row spec carries an ``offset`` too), which halves their cost (Q4_1:
+5.0 -> 4.5 bits per weight, plus 64 bits per row and parameter). ``bits=4`` stores them as 4-bit
 instead. With ``requantize=true`` (default) the weight's codes are rounded again against the new parameters, from
 the values they stood for before (``x = s*q + m`` -> ``q' = rint((x - m')/s')`` clamped): the codes absorb part of
 the parameter error. Weights whose scale constant is already quantized (K-quants), is per tensor / per row, or is
@@ -25,10 +26,12 @@ Before::
 After ``compress-scales``::
 
     const @w : u4[2,64] q(axis=1, group=32, scale=@w.scale, offset=@w.min) = dense(...)
-    const @w.scale : u8[2,2] q(axis=0, scale=@w.scale.row) = dense(...)
+    const @w.scale : u8[2,2] q(axis=0, scale=@w.scale.row, offset=@w.scale.base) = dense(...)
     const @w.scale.row : f16[2] = dense(...)
-    const @w.min : i8[2,2] q(axis=0, scale=@w.min.row) = dense(...)
+    const @w.scale.base : f16[2] = dense(...)
+    const @w.min : u8[2,2] q(axis=0, scale=@w.min.row, offset=@w.min.base) = dense(...)
     const @w.min.row : f16[2] = dense(...)
+    const @w.min.base : f16[2] = dense(...)
 """
 
 from __future__ import annotations
@@ -49,27 +52,27 @@ from qir.types import TensorType
 __all__ = ["CompressScales", "compress_row_params"]
 
 
-def compress_row_params(values: np.ndarray, bits: int, *, signed: bool | None = None
-                        ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Quantize ``values [rows, blocks]`` per row: ``(codes, row_scale f16 [rows], dtype name)``.
+def compress_row_params(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Quantize ``values [rows, blocks]`` per row over the row's own range: ``(codes, row_scale, row_base, dtype)``.
 
-    Unsigned (``u8``/``u4``, ``row_scale = max / qmax``) when every value is >= 0 and ``signed`` is not True;
-    otherwise symmetric signed (``max|v| / qmax``). The codes are rounded against the fp16-rounded row scale, so
-    ``row_scale * codes`` is what the interpreter computes. An all-zero row gets row scale 1.
+    ``values ~ row_scale * codes + row_base`` with unsigned ``bits``-bit codes and fp16 ``row_scale``/``row_base``
+    (the base is the row minimum rounded to fp16, the scale ``(max - base) / qmax`` rounded up to fp16 so no code
+    clips). Asymmetric over the actual range: block scales of one row span [0.01, 0.2], not [-0.2, 0.2], so this
+    spends every code where the values are. Codes are rounded against the fp16 parameters, i.e. against what the
+    interpreter computes (``f32(scale * code) + base``). A constant row gets scale 1 and codes 0.
     """
     v = np.asarray(values, dtype=np.float32)
-    if signed is None:
-        signed = bool(np.any(v < 0))
-    dt = dtype(("i" if signed else "u") + str(bits))
-    amax = np.max(np.abs(v), axis=1)
-    row = np.where(amax > 0, amax / np.float32(dt.qmax), np.float32(1.0)).astype(np.float32)
-    row16 = row.astype(np.float16)
-    # fp16 rounding may lower the row scale below max/qmax (codes would clip) or flush it to 0: nudge it up.
-    tiny = np.float16(np.finfo(np.float16).smallest_subnormal)
-    row16 = np.where(row16.astype(np.float32) * dt.qmax < amax, np.nextafter(row16, np.float16(np.inf)), row16)
-    row16 = np.maximum(row16, tiny).astype(np.float16)
-    codes = np.clip(np.rint(v / row16.astype(np.float32)[:, None]), dt.qmin, dt.qmax)
-    return codes.astype(dt.numpy), row16, dt.name
+    dt = dtype(f"u{bits}")
+    base = np.min(v, axis=1).astype(np.float16)
+    base = np.where(base.astype(np.float32) > np.min(v, axis=1), np.nextafter(base, np.float16(-np.inf)), base)
+    span = np.max(v, axis=1) - base.astype(np.float32)
+    scale = np.where(span > 0, span / np.float32(dt.qmax), np.float32(1.0)).astype(np.float16)
+    # fp16 rounding may lower the scale below span/qmax (the top code would clip) or flush it to 0: nudge it up.
+    scale = np.where(scale.astype(np.float32) * dt.qmax < span, np.nextafter(scale, np.float16(np.inf)), scale)
+    scale = np.maximum(scale, np.float16(np.finfo(np.float16).smallest_subnormal)).astype(np.float16)
+    codes = np.clip(np.rint((v - base.astype(np.float32)[:, None]) / scale.astype(np.float32)[:, None]),
+                    dt.qmin, dt.qmax)
+    return codes.astype(dt.numpy), scale, base.astype(np.float16), dt.name
 
 
 @register_pass
@@ -119,21 +122,24 @@ class CompressScales(Pass):
             if ref is None:
                 continue
             vals = np.asarray(module.constant(ref).numpy(), dtype=np.float32)
-            codes, row, dt = compress_row_params(vals, self.bits, signed=True if ref == spec.offset else None)
+            codes, row, base, dt = compress_row_params(vals, self.bits)
             rname = module.fresh_constant_name(f"{ref}.row")
-            new_consts[ref] = (codes, TensorType.of(dt, list(vals.shape), QuantSpec.per_axis(0, rname)))
+            bname = module.fresh_constant_name(f"{ref}.base")
+            rspec = QuantSpec(axis=0, scale=rname, offset=bname)
+            new_consts[ref] = (codes, TensorType.of(dt, list(vals.shape), rspec))
             new_consts[rname] = (row, TensorType.of("f16", [vals.shape[0]]))
-            real[ref] = (codes.astype(np.float32) * row.astype(np.float32)[:, None]).astype(np.float32)
+            new_consts[bname] = (base, TensorType.of("f16", [vals.shape[0]]))
+            rows = QTensor(codes, row.astype(np.float32), None, rspec, base.astype(np.float32))
+            real[ref] = rows.dequantize()
         if x is not None:
             self._requantize(module, c, spec, x, real)
         for ref in (spec.scale, spec.offset):
             if ref is None:
                 continue
             codes, t = new_consts[ref]
-            rname = t.quant.scale if t.quant is not None else None
-            assert isinstance(rname, str)
-            row, rt = new_consts[rname]
-            module.add_constant(rname, row, type=rt, after=ref)
+            assert t.quant is not None and isinstance(t.quant.scale, str) and t.quant.offset is not None
+            for pname in (t.quant.offset, t.quant.scale):
+                module.add_constant(pname, new_consts[pname][0], type=new_consts[pname][1], after=ref)
             module.constant(ref).type = t
             module.constant(ref).data = codes
 
