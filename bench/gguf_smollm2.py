@@ -11,6 +11,13 @@ For each artifact, in one run: its bytes (``report.json``), perplexity on a lice
 definition: 512-token windows, at most 8), prefill time of one 512-token window (median of ``--repeats``), and decode
 tokens/s (``--decode`` greedy steps after a 128-token prefill, static KV cache). Ratios are to the first artifact.
 Perplexity of the reference interpreter on the ``.qir`` files is ``qir eval X.qir --json`` (slow; not repeated here).
+
+Measured 2026-11-23 on 2 cores shared with ~6 other jobs (load average ~19: times are noise-dominated; only the
+ratio of one run means anything)::
+
+    artifact                    MB       ppl   ppl x  prefill512 s      x  decode tok/s
+    /tmp/gguf/ort-float     1076.8   12.7798  1.0000        13.408   1.00           1.5
+    /tmp/gguf/ort-keep       214.3   12.7798  1.0000        10.439   0.78           2.1
 """
 
 from __future__ import annotations
