@@ -146,3 +146,13 @@ def test_embedding_rows_bit_exact_and_on_onnx_runtime(type_name: str) -> None:
     assert largest < vocab * dim  # scales (and minimums) per block, not per element
     ort = run_session(make_session(lowered.model.SerializeToString()), {"ids": tokens})[0]
     np.testing.assert_allclose(ort, want, rtol=1e-6, atol=1e-6)
+
+
+def test_offset_text_errors() -> None:
+    from qir.errors import ParseError
+
+    head = "module @m\n\nconst @s : f16[2,1] = dense(1.0, 1.0)\nconst @w : u4[2,4] q(axis=1, group=4, scale=@s, "
+    with pytest.raises(ParseError, match="offset constant name"):
+        parse(head + "offset=0.5) = dense(0, 1, 2, 3, 4, 5, 6, 7)\n")
+    with pytest.raises(ParseError, match="'offset' given twice"):
+        parse(head + "offset=@s, offset=@s) = dense(0, 1, 2, 3, 4, 5, 6, 7)\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -502,3 +503,26 @@ def test_constant_values_of_module_built_from_block(block_module: Module) -> Non
     assert c.type.quant is not None
     c.type = _poke_quant(c.type, QuantSpec(scale=-1.0, zero_point=0, symmetric=False))
     _fails(block_module, "quant-scale-value", "constant @wq.scale", "scale must be finite and > 0")
+
+
+@pytest.mark.parametrize(("offset", "message"), [
+    (np.zeros((4, 3), np.float16), "whose offset @o must have shape [4,2] (the scale's layout)"),
+    (np.zeros((4, 2), np.int8), "an offset constant must be float, or quantized itself"),
+    (np.array([[0.0, np.inf]] * 4, np.float32), "which holds values that are not finite"),
+])
+def test_quant_offset(offset: np.ndarray, message: str) -> None:
+    """``offset=@o`` (GGUF minimums): float (or two-level) in the scale's layout, finite."""
+    spec = QuantSpec(axis=1, group_size=4, scale="s", offset="o")
+    m = _weight_module(np.ones((4, 2), np.float16), spec, dt="u4", codes=np.zeros((4, 8), ml_dtypes.uint4))
+    m.add_constant("o", offset)
+    _fails(m, "quant-offset", "constant @w", message)
+    m.constants["o"].data = np.full((4, 2), -0.5, np.float16)
+    m.constants["o"].type = TensorType.of("f16", [4, 2])
+    verify(m)
+
+
+def test_offset_needs_a_static_spec_with_an_axis() -> None:
+    with pytest.raises(QirError, match="an offset .* needs a static spec with an axis"):
+        QuantSpec(scale=0.5, offset="o").check(TensorType.of("u4", [4]).dtype, (4,))
+    with pytest.raises(QirError, match="an offset .* needs a static spec with an axis"):
+        QuantSpec(axis=0, dynamic=True, offset="o").check(TensorType.of("u8", [4]).dtype, (4,))
