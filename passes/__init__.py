@@ -6,6 +6,7 @@
 Built-in passes register on import (the table is :data:`qir.passes.registry.PASSES`).
 """
 
+import qir.passes.compress_scales  # noqa: F401  (registers compress-scales)
 import qir.passes.fold_scales  # noqa: F401  (registers fold-scales)
 import qir.passes.mixed_precision  # noqa: F401  (registers mixed-precision)
 import qir.passes.outlier_split  # noqa: F401  (registers outlier-split)

@@ -73,7 +73,14 @@ class RunContext:
             raise InterpretError(f"constant @{name} has a dynamic quantized type {t}; a constant needs static "
                                  "parameters")
         scale, zp = self.params(t)
-        return QTensor(data, scale, zp, t.quant)
+        return QTensor(data, scale, zp, t.quant, self.offset(t))
+
+    def offset(self, t: TensorType) -> np.ndarray | None:
+        """The f32 offset of a static quantized type in the spec's layout, or None (no ``offset=``)."""
+        spec = t.quant
+        if spec is None or spec.offset is None:
+            return None
+        return self._param(spec.offset, np.float32)
 
     def params(self, t: TensorType) -> tuple[np.ndarray, np.ndarray | None]:
         """``(scale, zero_point)`` of a static quantized type, in the spec's layout (zero point None if symmetric).
@@ -231,10 +238,11 @@ class Interpreter:
         try:
             if isinstance(raw, QTensor):
                 qt = QTensor(arr, np.asarray(raw.scale, np.float32),
-                             None if raw.zero_point is None else np.asarray(raw.zero_point, np.int32), t.quant)
+                             None if raw.zero_point is None else np.asarray(raw.zero_point, np.int32), t.quant,
+                             None if raw.offset is None else np.asarray(raw.offset, np.float32))
             else:
                 scale, zp = ctx.params(t)
-                qt = QTensor(arr, scale, zp, t.quant)
+                qt = QTensor(arr, scale, zp, t.quant, ctx.offset(t))
             qt.scale_full()  # raises now, naming the input, if the parameters do not fit the spec
             qt.zero_point_full()
         except QirError as exc:

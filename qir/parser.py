@@ -406,8 +406,8 @@ class _Parser:
                 kpos = self.pos
                 m = _WORD.match(self.text, self.pos)
                 key = m.group(0) if m else ""
-                if key not in ("axis", "group", "scale", "zp", "dynamic", "asym"):
-                    self.expected("a quantization parameter (axis=, group=, scale=, zp=, dynamic, asym)")
+                if key not in ("axis", "group", "scale", "zp", "offset", "dynamic", "asym"):
+                    self.expected("a quantization parameter (axis=, group=, scale=, zp=, offset=, dynamic, asym)")
                 if key in seen:
                     self.error(f"quantization parameter {key!r} given twice", kpos)
                 self.pos = m.end()
@@ -424,12 +424,15 @@ class _Parser:
             self.error("'asym' is written only on dynamic specs; a static spec is asymmetric when it has zp=", qpos)
         try:
             return QuantSpec(axis=seen.get("axis"), group_size=seen.get("group"), scale=seen.get("scale"),
-                             zero_point=seen.get("zp"),
+                             zero_point=seen.get("zp"), offset=seen.get("offset"),
                              symmetric=not seen.get("asym") if dynamic else "zp" not in seen, dynamic=dynamic)
         except QirError as exc:
             self.error(str(exc), qpos)
 
     def quant_value(self, key: str) -> Any:
+        if key == "offset":
+            name, _ = self.name("@", "offset constant name (offset=@w.min)")
+            return name
         if key in ("scale", "zp") and self.at("@"):
             name, _ = self.name("@", f"{key} constant name")
             return name

@@ -97,14 +97,16 @@ def expand_params(param: np.ndarray | float | int, spec: QuantSpec, shape: tuple
 class QTensor:
     """A quantized array at run time: integer codes plus the parameters that give them meaning.
 
-    ``scale`` and ``zero_point`` are in the spec's storage layout (see
-    :func:`expand_params`); for dynamic specs the quantizing op computed them.
+    ``scale``, ``zero_point`` and ``offset`` are in the spec's storage layout
+    (see :func:`expand_params`); for dynamic specs the quantizing op computed
+    them. ``offset`` (f32, the spec's ``offset=@...``) is added after scaling.
     """
 
     codes: np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray | None
     spec: QuantSpec
+    offset: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -118,8 +120,17 @@ class QTensor:
             return None
         return expand_params(self.zero_point, self.spec, self.shape)
 
+    def offset_full(self) -> np.ndarray | None:
+        if self.offset is None:
+            return None
+        return expand_params(self.offset, self.spec, self.shape)
+
     def dequantize(self) -> np.ndarray:
-        return dequantize(self.codes, self.scale_full(), self.zero_point_full())
+        x = dequantize(self.codes, self.scale_full(), self.zero_point_full())
+        if self.offset is not None:
+            # One f32 add after the f32 product: GGUF's ``d*q + m`` (and ``d*q - dm``) bit for bit.
+            x = (x + np.asarray(self.offset_full(), dtype=np.float32)).astype(np.float32)
+        return x
 
 
 def quantize_spec(x: np.ndarray, spec: QuantSpec, dt: str | DType, scale: np.ndarray | float,

@@ -29,6 +29,25 @@ op that quantizes computes them at run time from the data (min/max over each
 group), and the value carries them with it. Symmetric specs have no zero point
 (it is 0). A scale constant may itself carry a quantized type (double
 quantization: 8-bit block scales against a per-row float scale).
+
+**Offset** (``offset=@name``, static specs with an axis only): a float constant
+in the scale's layout that is *added* after scaling::
+
+    x = scale * (q - zero_point) + offset
+
+This is llama.cpp's "minimum" form (Q4_1, Q5_1: ``x = d*q + m``; K-quants:
+``x = d*sc*q - dmin*mn``), an asymmetric map whose zero point ``-m/d`` is not
+an integer. Keeping it separate from ``zero_point`` leaves the ONNX convention
+of every existing spec untouched. Like a scale, an offset constant may itself
+be quantized (two-level: the K-quants' 6-bit minimums against an fp16
+``-dmin`` per super-block). A spec with an offset describes stored weights: it
+is dequantized, never quantized into (there is no ``quantize`` to a minimum
+form), so type inference of ``quantize``/``requantize`` refuses it.
+
+**Signed scales on constants**: the scales of a *constant*'s type may be any
+finite value, zero and negative included (GGUF's Q4_0 stores ``d = max/-8``,
+and an all-zero block has ``d = 0``): nothing ever divides by them. Scales of
+run-time values (what ``quantize`` produces) must be finite and > 0.
 """
 
 from __future__ import annotations
@@ -56,6 +75,7 @@ class QuantSpec:
     zero_point: int | str | None = None
     symmetric: bool = True
     dynamic: bool = False
+    offset: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool):
@@ -97,8 +117,8 @@ class QuantSpec:
 
     @property
     def constant_refs(self) -> tuple[str, ...]:
-        """Names of module constants this spec refers to (scale, zero point)."""
-        return tuple(r for r in (self.scale, self.zero_point) if isinstance(r, str))
+        """Names of module constants this spec refers to (scale, zero point, offset)."""
+        return tuple(r for r in (self.scale, self.zero_point, self.offset) if isinstance(r, str))
 
     def normalized(self, rank: int) -> QuantSpec:
         """The same spec with a non-negative axis (raises if the axis is out of range)."""
@@ -122,7 +142,8 @@ class QuantSpec:
         """A copy whose constant references are renamed through ``mapping``."""
         scale = mapping.get(self.scale, self.scale) if isinstance(self.scale, str) else self.scale
         zp = mapping.get(self.zero_point, self.zero_point) if isinstance(self.zero_point, str) else self.zero_point
-        return replace(self, scale=scale, zero_point=zp)
+        off = mapping.get(self.offset, self.offset) if self.offset is not None else None
+        return replace(self, scale=scale, zero_point=zp, offset=off)
 
     def check(self, dtype: DType, shape: Shape) -> None:
         """Raise :class:`QuantError` unless this spec can describe a ``dtype`` tensor of ``shape``.
@@ -145,6 +166,12 @@ class QuantSpec:
                 raise QuantError(
                     f"static per-group scales need a fixed size along axis {spec.axis}, "
                     f"but it is {size} in {format_shape(shape)}")
+        if spec.offset is not None:
+            if not isinstance(spec.offset, str) or not spec.offset:
+                raise QuantError(f"offset must name a constant (offset=@w.min), got {spec.offset!r}")
+            if spec.dynamic or spec.axis is None:
+                raise QuantError("an offset (x = scale*(q - zp) + offset) needs a static spec with an axis: its "
+                                 "constant has the scale's layout")
         if spec.dynamic:
             if spec.scale is not None or spec.zero_point is not None:
                 raise QuantError("a dynamic spec computes scale and zero point at run time; it cannot also name them")
@@ -176,7 +203,7 @@ def _group_count(size: Dim, group: int) -> Dim:
 
 
 def format_quant(spec: QuantSpec) -> str:
-    """The canonical text of a spec: ``q(axis=1, group=32, scale=@w.scale, zp=@w.zp)``."""
+    """The canonical text of a spec: ``q(axis=1, group=32, scale=@w.scale, zp=@w.zp, offset=@w.min)``."""
     parts: list[str] = []
     if spec.axis is not None:
         parts.append(f"axis={spec.axis}")
@@ -186,6 +213,8 @@ def format_quant(spec: QuantSpec) -> str:
         parts.append(f"scale={_format_ref_or_number(spec.scale)}")
     if spec.zero_point is not None:
         parts.append(f"zp={_format_ref_or_number(spec.zero_point)}")
+    if spec.offset is not None:
+        parts.append(f"offset=@{spec.offset}")
     if spec.dynamic:
         parts.append("dynamic")
         if not spec.symmetric:

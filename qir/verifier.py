@@ -29,7 +29,10 @@ Quantization
   ``quant-ref``          a spec names a constant the module does not have (or the value itself)
   ``quant-scale-dtype``  a scale constant is neither float nor quantized (double quantization)
   ``quant-scale-shape``  a scale constant's shape is not ``spec.scale_shape(shape)``
-  ``quant-scale-value``  a scale is not finite and > 0
+  ``quant-scale-value``  a scale is not finite and > 0 (a constant's scales: not finite; GGUF blocks
+                         store negative and zero scales, and nothing divides by a weight's scale)
+  ``quant-offset``       an offset constant that is not float (or quantized), has the wrong shape or
+                         holds values that are not finite
   ``quant-zero-point``   a zero point with a non-integer dtype, the wrong shape or out-of-range values
   ``quant-codes``        a quantized constant's codes fall outside its storage dtype
 Constants
@@ -386,6 +389,32 @@ class _Checker:
             self.check_scale_ref(module, t, spec, want_shape, what, func=func, op=op, owner=owner)
         if isinstance(spec.zero_point, str):
             self.check_zero_point_ref(module, t, spec, want_shape, what, func=func, op=op, owner=owner)
+        if spec.offset is not None:
+            self.check_offset_ref(module, t, spec, want_shape, what, func=func, op=op, owner=owner)
+
+    def check_offset_ref(self, module: Module, t: TensorType, spec: QuantSpec, want_shape: tuple, what: str, *,
+                         func: Function | None, op: Op | None, owner: Constant | None) -> None:
+        assert spec.offset is not None
+        c = self._lookup(module, spec.offset, t, what, "offset", func=func, op=op, owner=owner)
+        if c is None:
+            return
+        if not (c.type.dtype.is_float or c.type.is_quantized):
+            self.report("quant-offset", f"{what} takes its offset from {c.ref} of type {c.type}; an offset "
+                        "constant must be float, or quantized itself (two-level minimums)", op=op, func=func)
+            return
+        if tuple(c.type.shape) != tuple(want_shape):
+            self.report("quant-offset", f"{what} has type {t}, whose offset {c.ref} must have shape "
+                        f"[{','.join(str(d) for d in want_shape)}] (the scale's layout), not {c.type}",
+                        op=op, func=func)
+            return
+        key = ("offset", c.name)
+        if key in self._value_checked:
+            return
+        self._value_checked.add(key)
+        values = self.real_values(module, c, depth=0)
+        if values is not None and not np.all(np.isfinite(values)):
+            self.report("quant-offset", f"{what} takes its offset from {c.ref}, which holds values that are not "
+                        "finite", op=op, func=func)
 
     def _lookup(self, module: Module, name: str, t: TensorType, what: str, role: str, *,
                 func: Function | None, op: Op | None, owner: Constant | None) -> Constant | None:
@@ -414,18 +443,22 @@ class _Checker:
                         f"[{','.join(str(d) for d in want_shape)}] ({spec.granularity} granularity), not "
                         f"{c.type}", op=op, func=func)
             return
-        key = ("scale", c.name)
+        # A constant is only ever dequantized, so its scales may be zero or negative (GGUF Q4_0's d = max/-8);
+        # a run-time value may be quantized into, which divides by the scale.
+        signed_ok = owner is not None
+        key = ("scale" if not signed_ok else "scale-signed", c.name)
         if key in self._value_checked:
             return
         self._value_checked.add(key)
         values = self.real_values(module, c, depth=0)
         if values is None:
             return
-        bad = ~np.isfinite(values) | (values <= 0)
+        bad = ~np.isfinite(values) if signed_ok else ~np.isfinite(values) | (values <= 0)
         if np.any(bad):
             first = float(values[bad].flat[0])
+            rule = "finite" if signed_ok else "finite and > 0"
             self.report("quant-scale-value", f"{what} takes its scale from {c.ref}, which holds {first!r} "
-                        f"({int(bad.sum())} of {values.size} entries are not finite and > 0)", op=op, func=func)
+                        f"({int(bad.sum())} of {values.size} entries are not {rule})", op=op, func=func)
 
     def check_zero_point_ref(self, module: Module, t: TensorType, spec: QuantSpec, want_shape: tuple, what: str,
                              *, func: Function | None, op: Op | None, owner: Constant | None) -> None:
@@ -485,6 +518,13 @@ class _Checker:
             shape = tuple(int(d) for d in c.type.shape)
             s = expand_params(scale, spec, shape)
             z = expand_params(zp, spec, shape) if isinstance(spec.zero_point, str) else zp
-            return (arr.astype(np.float64) - np.asarray(z, dtype=np.float64)) * s
+            real = (arr.astype(np.float64) - np.asarray(z, dtype=np.float64)) * s
+            if spec.offset is not None:
+                oc = module.constants.get(spec.offset)
+                off = None if oc is None or oc is c else self.real_values(module, oc, depth + 1)
+                if off is None:
+                    return None
+                real = real + expand_params(off, spec, shape)
+            return real
         except Exception:  # shapes that do not fit are reported by the shape rules
             return None

@@ -478,15 +478,13 @@ def test_pack_unpack_round_trip(dt: str, shape: list[int], seed: int) -> None:
     assert np.array_equal(sio.pack(arr.astype(np.int64), dt), packed)  # plain ints pack the same
 
 
-def test_pack_is_fast() -> None:
+def test_pack_round_trips_a_model_sized_int4_table() -> None:
+    # Speed of pack/unpack is measured in bench/bench_ir_scale.py, never asserted here.
     block = np.random.default_rng(0).integers(-8, 8, 4099).astype(ml_dtypes.int4)
     arr = np.resize(block, (49152, 576))
-    t0 = time.perf_counter()
     packed = sio.pack(arr, "i4")
-    t1 = time.perf_counter()
+    assert len(packed) == arr.size // 2
     back = sio.unpack(packed, "i4", arr.shape)
-    t2 = time.perf_counter()
-    assert t1 - t0 < 0.5 and t2 - t1 < 0.5, (t1 - t0, t2 - t1)
     assert np.array_equal(back, arr)
 
 

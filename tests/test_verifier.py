@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -324,12 +325,25 @@ def test_quant_scale_shape(spec: QuantSpec, scale_shape: tuple[int, ...], want: 
     _fails(m, "quant-scale-shape", "constant @w", "whose scale @s must have shape " + want)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.5, np.nan, np.inf])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_quant_scale_value(bad: float) -> None:
     scale = np.full(4, 0.25, np.float32)
     scale[2] = bad
     m = _weight_module(scale, QuantSpec.per_axis(0, "s"))
-    _fails(m, "quant-scale-value", "takes its scale from @s, which holds", "1 of 4 entries")
+    _fails(m, "quant-scale-value", "takes its scale from @s, which holds", "1 of 4 entries are not finite")
+
+
+@pytest.mark.parametrize("signed", [0.0, -0.5])
+def test_quant_scale_value_signed_only_on_constants(signed: float) -> None:
+    """A constant's scales may be 0 or negative (GGUF Q4_0's d = max/-8); a run-time value's may not."""
+    scale = np.full(4, 0.25, np.float32)
+    scale[2] = signed
+    m = _weight_module(scale, QuantSpec.per_axis(0, "s"))
+    verify(m)
+    f = m.functions["main"]
+    f.inputs[0].type = _poke_quant(TensorType.of("i8", [1, 8]), QuantSpec.per_axis(1, "t"))
+    m.add_constant("t", np.array([0.5, 0.5, 0.5, signed, 0.5, 0.5, 0.5, 0.5], np.float32))
+    _fails(m, "quant-scale-value", "input %x", "takes its scale from @t", "not finite and > 0")
 
 
 def test_quant_scale_value_literal() -> None:
@@ -343,7 +357,11 @@ def test_quant_scale_value_through_double_quantization() -> None:
     # u8 codes 0 with zero point 0 dequantize to a scale of exactly 0
     m.add_constant("s", np.array([3, 0, 1, 2], np.uint8), type=TensorType.of("u8", [4], QuantSpec.per_tensor(0.5)))
     m.add_constant("w", np.zeros((4, 8), np.int8), type=TensorType.of("i8", [4, 8], QuantSpec.per_axis(0, "s")))
-    _fails(m, "quant-scale-value", "constant @w takes its scale from @s, which holds 0.0")
+    verify(m)  # a constant's scale may be 0 (only dequantized)
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("i8", [4, 8], QuantSpec.per_axis(0, "s")))
+    f.set_outputs([f.add_op("dequantize", [x], names=["y"]).result])
+    _fails(m, "quant-scale-value", "input %x takes its scale from @s, which holds 0.0")
     m.constants["s"].data = np.array([3, 1, 1, 2], np.uint8)
     verify(m)
 
@@ -426,10 +444,10 @@ def test_huge_lazy_constants_are_never_read() -> None:
 
 
 def test_small_lazy_constants_are_read_and_checked() -> None:
-    scale = _Lazy(np.array([0.5, -1.0, 0.5, 0.5], np.float32))
+    scale = _Lazy(np.array([0.5, np.inf, 0.5, 0.5], np.float32))
     m = _weight_module(None, QuantSpec.per_axis(0, "s"))
     m.add_constant("s", scale, type=TensorType.of("f32", [4]))
-    with pytest.raises(VerifyError, match=r"\[quant-scale-value\].*@s, which holds -1.0"):
+    with pytest.raises(VerifyError, match=r"\[quant-scale-value\].*@s, which holds inf"):
         verify(m)
     assert scale.reads == 1  # read once, cached across the rules that look at it
 
@@ -485,3 +503,26 @@ def test_constant_values_of_module_built_from_block(block_module: Module) -> Non
     assert c.type.quant is not None
     c.type = _poke_quant(c.type, QuantSpec(scale=-1.0, zero_point=0, symmetric=False))
     _fails(block_module, "quant-scale-value", "constant @wq.scale", "scale must be finite and > 0")
+
+
+@pytest.mark.parametrize(("offset", "message"), [
+    (np.zeros((4, 3), np.float16), "whose offset @o must have shape [4,2] (the scale's layout)"),
+    (np.zeros((4, 2), np.int8), "an offset constant must be float, or quantized itself"),
+    (np.array([[0.0, np.inf]] * 4, np.float32), "which holds values that are not finite"),
+])
+def test_quant_offset(offset: np.ndarray, message: str) -> None:
+    """``offset=@o`` (GGUF minimums): float (or two-level) in the scale's layout, finite."""
+    spec = QuantSpec(axis=1, group_size=4, scale="s", offset="o")
+    m = _weight_module(np.ones((4, 2), np.float16), spec, dt="u4", codes=np.zeros((4, 8), ml_dtypes.uint4))
+    m.add_constant("o", offset)
+    _fails(m, "quant-offset", "constant @w", message)
+    m.constants["o"].data = np.full((4, 2), -0.5, np.float16)
+    m.constants["o"].type = TensorType.of("f16", [4, 2])
+    verify(m)
+
+
+def test_offset_needs_a_static_spec_with_an_axis() -> None:
+    with pytest.raises(QirError, match="an offset .* needs a static spec with an axis"):
+        QuantSpec(scale=0.5, offset="o").check(TensorType.of("u4", [4]).dtype, (4,))
+    with pytest.raises(QirError, match="an offset .* needs a static spec with an axis"):
+        QuantSpec(axis=0, dynamic=True, offset="o").check(TensorType.of("u8", [4]).dtype, (4,))

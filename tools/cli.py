@@ -138,6 +138,11 @@ def import_summary(imported, out: Path | None) -> str:
     lines = [f"imported {imported.source} ({imported.kind}) as module @{module.name}{where}",
              f"  parameters: {params:,} in {len(module.constants)} constants   stored bytes: "
              f"{stored_bytes(module):,}"]
+    if "gguf_kept" in imported.options:  # quantization parameters are not parameters of the model
+        refs = module.spec_references()
+        weights = sum(c.type.numel() for n, c in module.constants.items() if c.type.is_static and n not in refs)
+        lines.append(f"  GGUF: {imported.options['gguf_kept']}; {8 * stored_bytes(module) / weights:.3f} bits per "
+                     f"parameter ({weights:,} parameters)")
     funcs = list(module.functions.values())
     lines.append("  functions: " + "  ".join(
         f"@{f.name} ({len(f.inputs)} in, {len(f.outputs)} out, {len(f.ops)} ops)" for f in funcs))
@@ -157,7 +162,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else None
     if out is not None and out.suffix != ".qir":
         raise QirError(f"{out}: the output file must end in .qir")
-    imported = import_model(args.model, max_seq=args.max_seq)
+    imported = import_model(args.model, max_seq=args.max_seq, keep_quantized=args.keep_quantized)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_import(imported, out)
@@ -284,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the module to this .qir file (and its .safetensors and .json)")
     p.add_argument("--max-seq", type=int, default=None,
                    help="decode cache slots for causal LMs (default 1024); longest sequence for encoders (512)")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="GGUF models: keep the file's own quantized blocks (Q8_0, Q4_0, Q4_1, Q5_x, Q4_K, Q5_K, "
+                        "Q6_K) losslessly instead of dequantizing to float; other quantized types are refused")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("generate", help="greedy generation with a causal LM (prefill + decode graphs)",

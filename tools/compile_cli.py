@@ -26,6 +26,8 @@ PRESETS: dict[str, str] = {
     "w8a16": "quantize{scheme=w8a16}",
     "w4a16": "quantize{scheme=w4a16,group=32}",
     "npu-int8": "calibrate,quantize{scheme=w8a8,act=static,embedding=none,head=none}",
+    # No re-quantization: a GGUF model keeps its own blocks (imported with keep_quantized), a .qir stays as is.
+    "keep": "",
 }
 
 
@@ -64,7 +66,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise QirError("qir compile needs MODEL and -o OUTDIR (or --show-pipeline)")
     from qir.frontend.importer import import_model
 
-    imported = import_model(args.model, max_seq=args.max_seq)
+    keep = args.preset == "keep" and Path(args.model).suffix.lower() not in (".qir", ".pt2", ".onnx")
+    imported = import_model(args.model, max_seq=args.max_seq, keep_quantized=keep)
     module = imported.module
     if pipeline:
         args.pipeline = pipeline
@@ -100,6 +103,7 @@ def add_compile_parser(sub: Any) -> argparse.ArgumentParser:
                     "to ONNX for --target and write OUTDIR/model.onnx (+ decode.onnx), target.json, report.json. "
                     "Targets that a module breaks refuse with every offending op, the rule and the fix.",
         epilog="examples:\n  qir compile minilm-l6 --target ort-cpu --preset w8a8 -o out/minilm-w8a8\n"
+               "  qir compile smollm2-135m --target ort-cpu --preset keep -o out/smollm2-gguf   (GGUF blocks as is)\n"
                "  qir compile minilm-l6 --target ort-ascend --preset npu-int8 --calib-text FILE "
                "--bind batch=1,seq=128 -o out/minilm-npu\n  qir compile --preset npu-int8 --show-pipeline",
         formatter_class=argparse.RawDescriptionHelpFormatter)

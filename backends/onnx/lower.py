@@ -46,6 +46,7 @@ from qir.dtypes import u8 as u8_dtype
 from qir.errors import QirError
 from qir.graph import Constant, Function, Module, Op, Value
 from qir.ops import get_op
+from qir.quant import expand_params
 from qir.quantspec import QuantSpec
 from qir.shapes import Dim, SymDim, dim
 from qir.types import TensorType
@@ -110,6 +111,18 @@ class LoweredFunction:
     fallbacks: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _NBits:
+    """MatMulNBits initializers of one weight: codes ``[N, nb, blob]``, scales, zero points (or the default)."""
+
+    codes: str
+    scale: str
+    zp: str | None
+    bits: int
+    group: int
+    default_zp: int | None  # the zero point MatMulNBits assumes when ``zp`` is None
+
+
 @dataclass
 class _QInfo:
     """A quantized activation in the ONNX graph: codes, and scale / zero point broadcastable against the codes."""
@@ -140,6 +153,7 @@ class _Lowerer:
         self.tname: dict[str, str] = {}  # constant -> its transposed initializer
         self.vname: dict[int, str] = {}
         self.cname: dict[str, str] = {}
+        self.nbits: dict[str, _NBits] = {}
         self.qinfo: dict[int, _QInfo] = {}
         self.syms: dict[str, tuple[str, int, int]] = {}
         self.dim_cache: dict[str, str] = {}
@@ -248,6 +262,13 @@ class _Lowerer:
         else:
             zp = np.asarray(spec.zero_point, np.int64)
         return scale, zp
+
+    def offset_data(self, t: TensorType) -> np.ndarray | None:
+        """The f32 offset of a static quantized type in the spec's layout (dequantized if two-level), or None."""
+        spec = t.quant
+        if spec is None or spec.offset is None:
+            return None
+        return _f32(self.const_data(spec.offset))
 
     def param_inits(self, t: TensorType, owner: str, *, transpose: bool = False) -> tuple[str, str | None]:
         """ONNX ``(scale, zero_point)`` initializers for a static quantized type (zero point in the storage type)."""
@@ -826,7 +847,12 @@ class _Lowerer:
                 kw["axis"] = t.quant.axis
             if t.quant is not None and t.quant.group_size is not None:
                 kw["block_size"] = t.quant.group_size
-            y = self.node("DequantizeLinear", [self.val(q), s, z], final, hint=h, **kw)
+            off = self.offset_data(t) if q.is_constant else None
+            y = self.node("DequantizeLinear", [self.val(q), s, z], final if off is None else None, hint=h, **kw)
+            if off is not None:
+                full = expand_params(off, t.quant, tuple(int(d) for d in t.shape)) if t.quant else off
+                y = self.node("Add", [y, self.init(f"{q.name}::offset.full", np.ascontiguousarray(full))], final,
+                              hint=h)
         else:
             info = self.qvalue(q)
             y = self.dequant_explicit(info, final, h)
@@ -911,11 +937,23 @@ class _Lowerer:
         t = w.type
         spec = t.quant
         assert spec is not None
+        if w.name in self.cname and t.dtype.bits == 8 and spec.axis == 1 and spec.group_size is not None:
+            # The codes are already in the file untransposed (a tied embedding table): dequantize those and
+            # transpose the result rather than storing the table twice.
+            s, z = self.param_inits(t, w.name)
+            dq = self.node("DequantizeLinear", [self.cname[w.name], s, z], hint=f"{h}::w", axis=1,
+                           block_size=spec.group_size)
+            return self.node("Transpose", [dq], hint=f"{h}::w", perm=[1, 0])
+        codes = np.asarray(self.module.constant(w.name).numpy())
         cn = self.tied_codes_t(w, h)
         if cn is None:
-            codes = np.asarray(self.module.constant(w.name).numpy())
             cn = self.init(f"{w.name}::T", np.ascontiguousarray(codes.T), exact=True)
         s, z = self.param_inits(t, f"{w.name}::T", transpose=True)
+        if z is None and not t.dtype.is_signed and spec.group_size is not None:
+            # ORT (1.32) fuses blocked DequantizeLinear + MatMul into MatMulNBits, whose default zero point is
+            # 2**(bits-1), not DequantizeLinear's 0: an explicit 0 keeps unsigned codes (GGUF Q5_1) right.
+            kn, nn = codes.T.shape
+            z = self.init(f"{w.name}::T::zp0", np.zeros((-(-kn // spec.group_size), nn), t.dtype.numpy))
         kw: dict[str, Any] = {}
         if spec.axis is not None:
             kw["axis"] = 1 - spec.axis
@@ -930,43 +968,105 @@ class _Lowerer:
         spec = w.type.quant
         assert spec is not None
         n, k = w.type.shape
+        off = self.offset_data(w.type)
+        main_out = out if off is None else None
+        if self.nbits_fits(w):
+            y = self.matmul_nbits(xn, w, main_out, h)
+        else:
+            y = self.node("MatMul", [xn, self.weight_t_dq(w, h)], main_out, hint=h)
+        if off is None:
+            return y
+        return self.node("Add", [y, self.offset_term(xn, x.type.rank, w, off, h)], out, hint=h)
+
+    def nbits_fits(self, w: Value) -> bool:
+        """Whether a weight-only qmatmul on ``w`` lowers to MatMulNBits (4- or 8-bit, blocks of 2**j >= 16)."""
+        spec = w.type.quant
+        g = None if spec is None else spec.group_size
+        return (self.opts.int4 == "nbits" and self.opts.contrib_ops and w.type.dtype.bits in (4, 8)
+                and spec is not None and spec.axis == 1 and g is not None and g >= 16 and g & (g - 1) == 0)
+
+    def offset_term(self, xn: str, rank: int, w: Value, off: np.ndarray, h: str) -> str:
+        """``x @ offset_full.T`` for a weight ``x~ = scale*q + offset`` (GGUF minimums) without expanding it.
+
+        The offset is constant over each block of ``g`` inputs, so ``sum_k x_k m_b(k) = sum_b (sum_{k in b} x_k)
+        m_b``: block sums of ``x`` (``Reshape`` + ``ReduceSum``) times the ``[K/g, N]`` offsets. Exact in real
+        arithmetic; the extra work is ``1/g`` of the main matmul. MatMulNBits itself has no float minimum.
+        """
+        spec = w.type.quant
+        assert spec is not None and spec.group_size is not None
+        n, k = (int(d) for d in w.type.shape)
         g = spec.group_size
-        if (self.opts.int4 == "nbits" and self.opts.contrib_ops and w.type.dtype.bits == 4 and g is not None
-                and g >= 16 and g & (g - 1) == 0):
-            return self.matmul_nbits(xn, w, out, h)
-        return self.node("MatMul", [xn, self.weight_t_dq(w, h)], out, hint=h)
+        if k % g:
+            raise LowerError(f"qmatmul with @{w.name}: an offset needs whole groups ({k} inputs, groups of {g})")
+        nb = k // g
+        xs = self.node("Reshape", [xn, self.i64([0] * (rank - 1) + [nb, g])], hint=f"{h}::xblk")
+        sums = self.node("ReduceSum", [xs, self.i64([-1])], hint=f"{h}::xblk", keepdims=0)
+        mt_arr = np.ascontiguousarray(off.reshape(n, nb).T)
+        half = mt_arr.astype(np.float16)
+        if np.array_equal(half.astype(np.float32), mt_arr):
+            # GGUF minimums are fp16: store them so (half the bytes); ORT folds the Cast when it loads the model.
+            mt = self.node("Cast", [self.init(f"{w.name}::offset.T.f16", half)], hint=f"{h}::offset",
+                           to=TensorProto.FLOAT)
+        else:
+            mt = self.init(f"{w.name}::offset.T", mt_arr)
+        return self.node("MatMul", [sums, mt], hint=f"{h}::offset")
 
     def matmul_nbits(self, xn: str, w: Value, out: str | None, h: str) -> str:
-        """``com.microsoft.MatMulNBits``: 4-bit codes as unsigned nibbles (low nibble first), blocks along K."""
+        """``com.microsoft.MatMulNBits``: 4-bit codes as unsigned nibbles (low nibble first) or 8-bit codes as
+        bytes, blocks along K, fp32 compute (``accuracy_level=0``)."""
+        t = w.type
+        n, k = (int(d) for d in t.shape)
+        blob = self.nbits_blob(w)
+        ins = [xn, blob.codes, blob.scale] + ([blob.zp] if blob.zp is not None else [])
+        return self.node("MatMulNBits", ins, out, hint=h, domain=MS_DOMAIN, K=k, N=n, bits=blob.bits,
+                         block_size=blob.group, accuracy_level=0)
+
+    def nbits_blob(self, w: Value) -> _NBits:
+        """The MatMulNBits initializers of a per-group 4- or 8-bit weight (made once per weight).
+
+        Codes are unsigned with a default zero point of ``2**(bits-1)``: signed codes are shifted by it (``q - zp``
+        unchanged); unsigned codes without a zero point get an explicit 0.
+        """
+        if w.name in self.nbits:
+            return self.nbits[w.name]
         t = w.type
         spec = t.quant
         assert spec is not None and spec.group_size is not None
+        bits = t.dtype.bits
         n, k = (int(d) for d in t.shape)
         g = spec.group_size
         nb = -(-k // g)
         codes = np.asarray(self.module.constant(w.name).numpy()).astype(np.int16)
         scale, zp = self.params(t, w.name)
+        mid = 1 << (bits - 1)
         if t.dtype.is_signed:
-            # MatMulNBits codes are unsigned with zero point 8 by default: q + 8 keeps q - zp unchanged.
-            u = codes + 8
-            zpu = None if zp is None else zp + 8
+            u = codes + mid
+            zpu = None if zp is None else zp + mid
         else:
+            # GGUF Q4_1 / Q4_K / Q5_1: unsigned codes whose minimum is a separate offset; zero point 0 explicitly.
             u = codes
-            zpu = zp
+            zpu = zp if zp is not None else np.zeros((n, nb), np.int64)
         padded = np.zeros((n, nb * g), np.uint8)
         padded[:, :k] = u.astype(np.uint8)
         blocks = padded.reshape(n, nb, g)
-        packed = (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+        if bits == 4:
+            packed = (blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+        else:
+            packed = blocks
         bn = self.init(f"{w.name}::nbits", packed, exact=True)
         sn = self.init(f"{w.name}::nbits.scale", np.ascontiguousarray(scale.reshape(n * nb)))
-        ins = [xn, bn, sn]
+        zn = None
         if zpu is not None:
-            zb = np.full((n, nb + (nb % 2)), 8, np.uint8)
-            zb[:, :nb] = np.broadcast_to(zpu, (n, nb)).astype(np.uint8)
-            zpacked = (zb[:, 0::2] | (zb[:, 1::2] << 4)).astype(np.uint8)
-            ins.append(self.init(f"{w.name}::nbits.zp", zpacked.reshape(-1)))
-        return self.node("MatMulNBits", ins, out, hint=h, domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=g,
-                         accuracy_level=0)
+            if bits == 4:
+                zb = np.full((n, nb + (nb % 2)), mid, np.uint8)
+                zb[:, :nb] = np.broadcast_to(zpu, (n, nb)).astype(np.uint8)
+                zpacked = (zb[:, 0::2] | (zb[:, 1::2] << 4)).astype(np.uint8)
+            else:
+                zpacked = np.ascontiguousarray(np.broadcast_to(zpu, (n, nb)).astype(np.uint8))
+            zn = self.init(f"{w.name}::nbits.zp", zpacked.reshape(-1))
+        blob = _NBits(bn, sn, zn, bits, g, mid if zpu is None else None)
+        self.nbits[w.name] = blob
+        return blob
 
     def qmatmul_qdq(self, x: Value, w: Value, out: str | None, h: str) -> str:
         xq = self.qvalue(x)
@@ -1102,11 +1202,17 @@ class _Lowerer:
             self.fallbacks.append(f"qembedding %{h} (table @{table.name} {t}) kept in f16")
             self.set(op, self.node("Cast", [rows], h, to=onnx_dtype(op.result.type.dtype)))
             return
+        if self.shares_nbits(table):
+            self.set(op, self.embedding_from_nbits(op, h))
+            return
         if t.dtype.bits == 8:
             rows = self.node("Gather", [self.const(table), self.val(ids)], hint=h, axis=0)
             c = self.node("Cast", [rows], hint=h, to=TensorProto.INT32)
         else:
             c = self.packed_rows(table, ids, h)
+        if spec.offset is not None and spec.group_size is None:
+            raise LowerError(f"qembedding -> %{h}: @{table.name} has an offset without groups; only per-group "
+                             f"offsets (GGUF blocks) lower to ONNX")
         scale, zp = self.params(t, table.name)
         if spec.axis is None:
             sb = self.lit(scale.reshape(()), np.float32)
@@ -1118,7 +1224,12 @@ class _Lowerer:
             if zp is not None:
                 zb = self.node("Gather", [self.init(f"{table.name}::zp.col", zp.reshape(-1, 1).astype(np.int32)),
                                           self.val(ids)], hint=h, axis=0)
+        elif int(t.shape[1]) % spec.group_size == 0:
+            self.set(op, self.embedding_blocks(op, c, scale, zp, h))
+            return
         else:
+            if spec.offset is not None:
+                raise LowerError(f"qembedding -> %{h}: an offset needs whole groups along the row of @{table.name}")
             # Gather the looked-up rows' group scales, then repeat each over its group (at run time, on the few
             # rows looked up, rather than storing a scale per table element).
             sb = self.group_rows(self.init(f"{table.name}::scale", _f32(scale)), ids, spec.group_size,
@@ -1135,6 +1246,83 @@ class _Lowerer:
         if out_dt.name != "f32":
             y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
         self.set(op, y)
+
+
+    def shares_nbits(self, table: Value) -> bool:
+        """A tied 8-bit per-group table whose head lowers to MatMulNBits: gather from the same bytes."""
+        if table.type.dtype.bits != 8 or not self.nbits_fits(table) or int(table.type.shape[1]) % (
+                table.type.quant.group_size or 1):
+            return False
+        return any(op.opcode == "qmatmul" and i == 1 and op.parent is self.func and op.operands[0].type.quant is None
+                   and op.result.name not in self.opts.fallback_float for op, i in table.uses)
+
+    def embedding_from_nbits(self, op: Op, h: str) -> str:
+        """Rows of a tied 8-bit table from its MatMulNBits blob ``[vocab, nb, g]`` (stored once for both users)."""
+        table, ids = op.operands
+        t = table.type
+        spec = t.quant
+        assert spec is not None and spec.group_size is not None
+        blob = self.nbits_blob(table)
+        d = int(t.shape[1])
+        nb = d // spec.group_size
+        r = ids.type.rank
+        idn = self.val(ids)
+        c = self.node("Cast", [self.node("Gather", [blob.codes, idn], hint=h, axis=0)], hint=h, to=TensorProto.INT32)
+        if blob.zp is not None:
+            zb = self.node("Gather", [self.node("Reshape", [blob.zp, self.i64([-1, nb, 1])], hint=h), idn], hint=h,
+                           axis=0)
+            c = self.node("Sub", [c, self.node("Cast", [zb], hint=h, to=TensorProto.INT32)], hint=h)
+        else:
+            c = self.node("Sub", [c, self.lit(blob.default_zp or 0, np.int32)], hint=h)
+        cf = self.node("Cast", [c], hint=h, to=TensorProto.FLOAT)
+        sb = self.node("Gather", [self.node("Reshape", [blob.scale, self.i64([-1, nb, 1])], hint=h), idn], hint=h,
+                       axis=0)
+        y = self.node("Mul", [cf, sb], hint=h)
+        off = self.offset_data(t)
+        if off is not None:
+            ob = self.node("Gather", [self.init(f"{table.name}::offset.blk", np.ascontiguousarray(
+                off.reshape(-1, nb, 1))), idn], hint=h, axis=0)
+            y = self.node("Add", [y, ob], hint=h)
+        out_dt = op.result.type.dtype
+        y = self.node("Reshape", [y, self.i64([0] * r + [d])], h if out_dt.name == "f32" else None, hint=h)
+        if out_dt.name != "f32":
+            y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
+        return y
+
+    def embedding_blocks(self, op: Op, c: str, scale: np.ndarray, zp: np.ndarray | None, h: str) -> str:
+        """Rows of a per-group table: the looked-up int32 codes ``c`` as ``[.., nb, g]`` times gathered
+        ``[.., nb, 1]`` scales (plus the offset), so the scales stay one per group in the file instead of one
+        per element."""
+        table, ids = op.operands
+        t = table.type
+        spec = t.quant
+        assert spec is not None and spec.group_size is not None
+        d = int(t.shape[1])
+        g = spec.group_size
+        nb = d // g
+        r = ids.type.rank
+        idn = self.val(ids)
+        blk = self.i64([0] * r + [nb, g])
+        if zp is not None:
+            zb = self.node("Gather", [self.init(f"{table.name}::zp.blk", zp.reshape(-1, nb, 1).astype(np.int32)),
+                                      idn], hint=h, axis=0)
+            c = self.node("Sub", [self.node("Reshape", [c, blk], hint=h), zb], hint=h)
+        else:
+            c = self.node("Reshape", [c, blk], hint=h)
+        cf = self.node("Cast", [c], hint=h, to=TensorProto.FLOAT)
+        sb = self.node("Gather", [self.init(f"{table.name}::scale.blk", np.ascontiguousarray(
+            scale.reshape(-1, nb, 1))), idn], hint=h, axis=0)
+        y = self.node("Mul", [cf, sb], hint=h)
+        off = self.offset_data(t)
+        if off is not None:
+            ob = self.node("Gather", [self.init(f"{table.name}::offset.blk", np.ascontiguousarray(
+                off.reshape(-1, nb, 1))), idn], hint=h, axis=0)
+            y = self.node("Add", [y, ob], hint=h)
+        out_dt = op.result.type.dtype
+        y = self.node("Reshape", [y, self.i64([0] * r + [d])], h if out_dt.name == "f32" else None, hint=h)
+        if out_dt.name != "f32":
+            y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
+        return y
 
 
 _SIMPLE: dict[str, str] = {

@@ -136,16 +136,20 @@ def _optional_frontend(module_name: str, func: str, path: Path) -> Any:
 
 
 def import_model(name_or_path: str | os.PathLike[str], *, max_seq: int | None = None, name: str | None = None,
-                 download: bool = True) -> LoadedImport:
+                 download: bool = True, keep_quantized: bool = False) -> LoadedImport:
     """Import a model into qir (see the module docstring for what ``name_or_path`` may be).
 
     ``max_seq``: the decode graph's cache slots for causal LMs (default 1024) / the longest sequence for encoders
-    (default 512). ``name``: the module's name (default: the model's name). Raises a ``QirError`` subclass with an
-    actionable message on any failure.
+    (default 512). ``name``: the module's name (default: the model's name). ``keep_quantized``: for a GGUF model
+    (file or zoo name), keep the file's own quantized blocks instead of float weights, losslessly
+    (:mod:`qir.frontend.gguf_keep`). Raises a ``QirError`` subclass with an actionable message on any failure.
     """
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     suffix = path.suffix.lower()
+    if keep_quantized and suffix in (".qir", ".pt2", ".onnx"):
+        raise ModelImportError(f"{path}: --keep-quantized applies to GGUF models (a .gguf file or a zoo model "
+                               f"shipped as GGUF), not to {suffix} files")
     if suffix == ".qir":
         return _import_qir(path)
     if suffix == ".pt2":
@@ -160,7 +164,25 @@ def import_model(name_or_path: str | os.PathLike[str], *, max_seq: int | None = 
     loaded = load_model(text, download=download)
     spec = resolve_model(text) if isinstance(name_or_path, str) else None
     source = spec.name if spec is not None else str(path.resolve())
-    return import_loaded(loaded, source=source, max_seq=max_seq, name=name)
+    imported = import_loaded(loaded, source=source, max_seq=max_seq, name=name)
+    if keep_quantized:
+        keep_quantization(imported)
+    return imported
+
+
+def keep_quantization(imported: LoadedImport) -> Any:
+    """Swap an imported GGUF model's float weights for the file's quantized blocks; returns the ``KeepReport``."""
+    from qir.frontend.gguf_keep import keep_gguf_quantization
+
+    loaded = imported.loaded
+    src = Path(getattr(loaded, "source", "") or "")
+    if loaded is None or getattr(loaded.facts, "source_format", "") != "gguf" or src.suffix != ".gguf":
+        raise ModelImportError(f"{imported.source}: --keep-quantized needs a GGUF model; this one was loaded from "
+                               f"{src or 'an unknown source'}")
+    report = keep_gguf_quantization(imported.module, src)
+    imported.options["keep_quantized"] = True
+    imported.options["gguf_kept"] = report.summary()
+    return report
 
 
 def import_loaded(loaded: Any, *, source: str | None = None, max_seq: int | None = None,

@@ -62,6 +62,9 @@ def need_quantized(op: str, role: str, t: TensorType) -> QuantSpec:
 
 def _declared_quantized(op: str, declared: Sequence[TensorType] | None, src: TensorType) -> list[TensorType]:
     d = declared_one(op, declared)
+    if d is not None and d.quant is not None and d.quant.offset is not None:
+        fail(op, f"cannot quantize into {d}: a spec with an offset describes stored weights (GGUF minimums) and "
+                 f"is only ever dequantized")
     if d is None:
         fail(op, f"the result type is a choice: give result_types, e.g. "
                  f"[TensorType(i8, {format_shape(src.shape)}, QuantSpec.per_tensor(0.05))]")
@@ -169,6 +172,10 @@ def _qmatmul_infer(types: Sequence[TensorType], attrs: Mapping[str, Any], declar
     if x.quant is not None:
         if not x.dtype.is_integer:
             fail(op, f"x {x} must be stored as integers")
+        assert w.quant is not None
+        if w.quant.offset is not None:
+            fail(op, f"w {w} has an offset (x = scale*q + offset), which the integer path cannot fold into its "
+                     f"int32 accumulator; feed x as float (weight-only)")
         if not _x_is_constant_along_k(x, k):
             fail(op, f"x {x} must be quantized with parameters constant along its last axis: per tensor, "
                      f"per token (axis={x.rank - 1}, group >= {k}) or per axis on another axis")
@@ -274,12 +281,14 @@ def _qembedding_compute(ctx: Any, args: Sequence[Any], attrs: Mapping[str, Any],
     ids_in = np.asarray(args[1])
     ids = check_ids("qembedding", ids_in, table.shape[0]).reshape(-1)
     spec = table.spec
+    offset = None
     if spec.axis is None:
         scale, zp = table.scale, table.zero_point
     else:
         scale = np.asarray(table.scale)[ids]
         zp = None if table.zero_point is None else np.asarray(table.zero_point)[ids]
-    rows = QTensor(table.codes[ids], scale, zp, spec).dequantize()
+        offset = None if table.offset is None else np.asarray(table.offset)[ids]
+    rows = QTensor(table.codes[ids], scale, zp, spec, offset).dequantize()
     return [rows.reshape(ids_in.shape + (table.shape[1],)).astype(rt[0].dtype.numpy, copy=False)]
 
 
