@@ -173,6 +173,7 @@ def main() -> None:
         ap.add_argument(f"--{field.replace('_', '-')}", type=int, default=default)
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="keep the model files")
+    ap.add_argument("--reuse", action="store_true", help="skip the build when OUT holds a model (from --keep)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
     s = Shape(**{k: getattr(args, k) for k in Shape().__dict__})
@@ -191,8 +192,12 @@ def main() -> None:
     if need > free:
         sys.exit("not enough disk space")
     results: list[Step] = []
+    sizes: dict[str, int] = {}
     try:
         for name, argv in steps(out, s):
+            if name == "build" and args.reuse and (out / "llama7b.qir").is_file():
+                print("build      skipped (--reuse)")
+                continue
             step = measure(name, argv)
             results.append(step)
             print(f"{name:10s} {step.seconds:8.1f} s   peak RSS {step.peak_rss_mb:8.0f} MB   "
@@ -204,6 +209,9 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+        else:
+            (out / "llama7b-w8a16.qir").unlink(missing_ok=True)  # a kept model is reused; the result is not
+            (out / "llama7b-w8a16.safetensors").unlink(missing_ok=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": s.__dict__, "parameters": params, "files": sizes,
                                                "steps": [r.__dict__ for r in results]}, indent=2) + "\n")
