@@ -4,7 +4,9 @@ Every file or folder qir writes is first written under a hidden temporary name i
 (``.model.qir.<random>.tmp``) and renamed over the destination when it is complete, so a reader sees the old
 output or the new one, never half of one. Some outputs take more than one rename (a ``.qir`` text and its
 ``.safetensors``; an artifact folder that replaces an older one); :func:`deferred_signals` holds SIGINT and
-SIGTERM back while those renames run, so an interrupt lands before or after the commit, not inside it.
+SIGTERM back while those renames run, so an interrupt lands before or after the commit, not inside it
+(measured by ``tests/test_atomic.py``: a signal mask did not do it, as the kernel hands a process-directed
+signal to any thread that does not block it, and Python then runs its handler in the main thread anyway).
 (SIGKILL and power loss cannot be held back: after one of those the temporary files are left over, hidden and
 named ``*.tmp``, and a two-rename commit may be half done.)
 
@@ -29,18 +31,35 @@ _HELD = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the duration of the block; they are delivered when it ends.
+    """Hold SIGINT and SIGTERM back for the duration of the block; one that came is acted on when it ends.
 
-    Only the main thread can have Python signal handlers run, so elsewhere this does nothing.
+    The block swaps in Python handlers that only note the signal, then puts the old handlers back and runs
+    the one for the first noted signal (``KeyboardInterrupt`` for SIGINT; SIGTERM's default kills). Python
+    handlers run in the main thread whichever thread the kernel delivers a signal to, which a signal mask
+    cannot promise once torch or ONNX Runtime have started threads. Elsewhere than in the main thread this
+    does nothing (only the main thread may set handlers).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    pending: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    old = {s: signal.signal(s, note) for s in _HELD}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if pending:
+            first = pending[0]
+            handler = old[signal.Signals(first)]
+            if callable(handler):
+                handler(first, None)
+            elif handler in (signal.SIG_DFL, None):
+                signal.raise_signal(first)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -196,12 +196,12 @@ def save(module: Module, path: str | os.PathLike[str]) -> None:
                 os.replace(tmp_st, st)
                 st_replaced = True
             os.replace(tmp_txt, p)
-        if not tensors and st_ours:
-            # Weights of an earlier save of this file that nothing refers to any more; if they cannot
-            # be removed they are merely stale, so the save still succeeded.
-            with contextlib.suppress(OSError):
-                os.unlink(st)
-        _fsync_dir(folder)
+            if not tensors and st_ours:
+                # Weights of an earlier save of this file that nothing refers to any more; if they cannot
+                # be removed they are merely stale, so the save still succeeded.
+                with contextlib.suppress(OSError):
+                    os.unlink(st)
+            _fsync_dir(folder)
     except OSError as exc:
         if st_replaced:
             with contextlib.suppress(OSError):
