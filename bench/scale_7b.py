@@ -10,14 +10,15 @@ wall time are printed:
     dump       ``qir dump --summary``
     verify     ``qir verify``
     load       ``qir.load`` (weights memory-mapped) + ``qir.verify`` (reads the small constants only)
-    quantize   ``qir quantize -p quantize{scheme=w8a16}``: reads every weight, writes i8 codes + f32 scales
+    quantize   ``qir quantize -p quantize{scheme=w8a16}`` (or ``--pipeline``): reads every weight, writes the
+               codes and f32 scales
 
     python bench/scale_7b.py --out /tmp/scale            # 7B; needs ~21 GB of disk, deletes it at the end
     python bench/scale_7b.py --out /tmp/scale --layers 2 --hidden 1024 --ffn 2816 --vocab 8000 --heads 8
 
-Prints one line per step and, at the end, seconds per billion parameters for each step. ``--keep`` keeps
-the files. The numbers are for the machine it runs on (disk speed matters: the model is written and read
-once per step that touches data).
+Prints one line per step with seconds per billion parameters. ``--keep`` keeps the model files (and
+``--reuse`` then skips the build). The numbers are for the machine it runs on (disk speed matters: the
+model is written and read once per step that touches data).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def measure(name: str, argv: list[str]) -> Step:
     return Step(name, seconds, usage.ru_maxrss / 1024, proc.returncode)
 
 
-def steps(out: Path, s: Shape) -> list[tuple[str, list[str]]]:
+def steps(out: Path, s: Shape, pipeline: str) -> list[tuple[str, list[str]]]:
     py = sys.executable
     model = out / "llama7b.qir"
     shape_args = [f"--{k.replace('_', '-')}={v}" for k, v in s.__dict__.items()]
@@ -161,8 +162,7 @@ def steps(out: Path, s: Shape) -> list[tuple[str, list[str]]]:
         ("dump", [py, "-m", "qir", "dump", "--summary", str(model)]),
         ("verify", [py, "-m", "qir", "verify", str(model)]),
         ("load", [py, "-c", load_verify, str(model)]),
-        ("quantize", [py, "-m", "qir", "quantize", str(model), "-p", "quantize{scheme=w8a16}",
-                      "-o", str(out / "llama7b-w8a16.qir")]),
+        ("quantize", [py, "-m", "qir", "quantize", str(model), "-p", pipeline, "-o", str(out / "llama7b-q.qir")]),
     ]
 
 
@@ -173,6 +173,7 @@ def main() -> None:
         ap.add_argument(f"--{field.replace('_', '-')}", type=int, default=default)
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--keep", action="store_true", help="keep the model files")
+    ap.add_argument("--pipeline", default="quantize{scheme=w8a16}", help="the quantize step's pipeline")
     ap.add_argument("--reuse", action="store_true", help="skip the build when OUT holds a model (from --keep)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
@@ -194,7 +195,7 @@ def main() -> None:
     results: list[Step] = []
     sizes: dict[str, int] = {}
     try:
-        for name, argv in steps(out, s):
+        for name, argv in steps(out, s, args.pipeline):
             if name == "build" and args.reuse and (out / "llama7b.qir").is_file():
                 print("build      skipped (--reuse)")
                 continue
@@ -210,8 +211,8 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
         else:
-            (out / "llama7b-w8a16.qir").unlink(missing_ok=True)  # a kept model is reused; the result is not
-            (out / "llama7b-w8a16.safetensors").unlink(missing_ok=True)
+            for suffix in (".qir", ".safetensors", ".json"):  # a kept model is reused; the result is not
+                (out / f"llama7b-q{suffix}").unlink(missing_ok=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": s.__dict__, "parameters": params, "files": sizes,
                                                "steps": [r.__dict__ for r in results]}, indent=2) + "\n")
