@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "MAX_ARRAY_ITEMS", "MAX_FOLD_ELEMENTS", "MAX_RANK", "MAX_STRING_BYTES", "MAX_TENSORS", "MAX_TENSOR_ELEMENTS",
-    "shape_problem",
+    "MAX_TEXT_BYTES", "shape_problem", "text_size_problem",
 ]
 
 MAX_TENSOR_ELEMENTS = 1 << 36
@@ -36,6 +36,9 @@ MAX_STRING_BYTES = 1 << 24
 MAX_ARRAY_ITEMS = 1 << 26
 """Items of one metadata array (a tokenizer vocabulary of 67M entries)."""
 
+MAX_TEXT_BYTES = 1 << 26
+"""Bytes of a ``.qir`` text file (64 MiB; a 7B model's text is ~100 KB, as weights live in the .safetensors)."""
+
 MAX_FOLD_ELEMENTS = 1 << 26
 """Elements an importer may compute at import time from a file's shape arithmetic (ConstantOfShape, Range)."""
 
@@ -52,4 +55,12 @@ def shape_problem(shape: Iterable[object], *, max_elements: int = MAX_TENSOR_ELE
     n = math.prod(dims)
     if n > max_elements:
         return f"shape {dims} holds {n:,} elements, more than the limit of {max_elements:,}"
+    return None
+
+
+def text_size_problem(size: int) -> str | None:
+    """Why a ``.qir`` text of ``size`` bytes is refused before it is read, or ``None``."""
+    if size > MAX_TEXT_BYTES:
+        return (f"the text is {size:,} bytes, more than the limit of {MAX_TEXT_BYTES:,} for a .qir file (weights "
+                "belong in the .safetensors file beside it)")
     return None

@@ -36,6 +36,7 @@ from qir.atomic import deferred_signals
 from qir.dtypes import DType
 from qir.errors import QirError, SerializationError
 from qir.graph import Constant, Module
+from qir.limits import MAX_TEXT_BYTES, text_size_problem
 from qir.safetensors_io import MappedTensor
 
 __all__ = ["MappedTensor", "blob_path", "load", "save", "stored_bytes"]
@@ -232,9 +233,15 @@ def load(path: str | os.PathLike[str]) -> Module:
 
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        with open(p, "rb") as f:
+            problem = text_size_problem(os.fstat(f.fileno()).st_size)
+            if problem:
+                raise SerializationError(f"{p}: {problem}")
+            raw = f.read(MAX_TEXT_BYTES + 1)
     except OSError as exc:
         raise SerializationError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TEXT_BYTES:  # it grew after the size check
+        raise SerializationError(f"{p}: {text_size_problem(len(raw))}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

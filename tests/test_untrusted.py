@@ -75,6 +75,17 @@ def qir_pair(text: str | bytes, st: bytes | None) -> Callable[[Path], Path]:
     return make
 
 
+def _sparse_qir(size: int) -> Callable[[Path], Path]:
+    """A .qir file of ``size`` bytes that takes no disk (sparse): reading it whole would take ``size`` of memory."""
+    def make(folder: Path) -> Path:
+        p = folder / "model.qir"
+        with open(p, "wb") as f:
+            f.write(b"module @m\n")
+            f.truncate(size)
+        return p
+    return make
+
+
 def load_qir(p: Path) -> object:
     return qir.load(p)
 
@@ -215,6 +226,7 @@ CASES: list[tuple[str, Callable[[Path], Path], Callable[[Path], object], type[Qi
      load_qir, SerializationError, "declares"),
     ("qir-huge-dim-digits", qir_pair("module @m\nconst @c : f32[" + "9" * 5000 + "] = blob\n", None), load_qir,
      ParseError, "too long"),
+    ("qir-sparse-256MB-text", _sparse_qir(256 << 20), load_qir, SerializationError, "more than the limit"),
     ("qir-missing-weights", qir_pair(VALID_QIR, None), load_qir, SerializationError, "does not exist"),
     ("safetensors-huge-header-length", qir_pair(VALID_QIR, _st({}, length=2**62)), load_qir, SerializationError,
      "exceeds"),
@@ -268,8 +280,12 @@ CASES: list[tuple[str, Callable[[Path], Path], Callable[[Path], object], type[Qi
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                out[str(p.relative_to(folder))] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
 
 
 @pytest.mark.parametrize("make, open_, exc_type, fragment", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
