@@ -177,6 +177,16 @@ def _huge_constant_of_shape(model: object, folder: Path) -> None:
     g.node.append(helper.make_node("Add", ["y", "y"], ["y2"], name="add"))
 
 
+def _huge_expand(model: object, folder: Path) -> None:
+    from onnx import TensorProto, helper
+
+    g = model.graph  # type: ignore[attr-defined]
+    g.initializer.append(helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    g.initializer.append(helper.make_tensor("big", TensorProto.INT64, [2], [300000, 300000]))
+    g.node.insert(0, helper.make_node("Expand", ["one", "big"], ["wide"], name="ex"))
+    g.node.insert(1, helper.make_node("Add", ["wide", "wide"], ["wide2"], name="add"))
+
+
 def _dangling_input(model: object, folder: Path) -> None:
     model.graph.node[0].input[1] = "nowhere"  # type: ignore[attr-defined]
 
@@ -269,6 +279,7 @@ CASES: list[tuple[str, Callable[[Path], Path], Callable[[Path], object], type[Qi
     ("onnx-external-data-outside", onnx_file(_outside_data), import_path, ONNXImportError, "outside"),
     ("onnx-huge-constant-of-shape", onnx_file(_huge_constant_of_shape), import_path, ONNXImportError,
      "ConstantOfShape"),
+    ("onnx-huge-expand", onnx_file(_huge_expand), import_path, ONNXImportError, "Expand would build"),
     ("onnx-dangling-input", onnx_file(_dangling_input), import_path, ONNXImportError, "mm"),
     ("pt2-not-zip", pt2(raw=b"PK\3\4 not a zip"), import_path, PT2ImportError, "not a zip"),
     ("pt2-foreign-zip", pt2(lambda f: {"data.pkl": pickle.dumps(_Evil(f))}), import_path, PT2ImportError,

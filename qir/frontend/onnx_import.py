@@ -621,6 +621,10 @@ class _Importer:
         except QirError as exc:
             raise self.fail(str(exc)) from None
         if isinstance(x, np.ndarray) and all(isinstance(d, int) for d in full) and not _is_sym(x):
+            # A view now, but the next folded op materializes it: refuse what no real model folds.
+            problem = shape_problem([int(d) for d in full], max_elements=MAX_FOLD_ELEMENTS)
+            if problem:
+                raise self.fail(f"Expand would build a constant at import time: {problem}")
             return np.broadcast_to(x, [int(d) for d in full])
         if tuple(full) == self.shape_of(x) and isinstance(x, Value):
             return x
@@ -839,6 +843,9 @@ class _Importer:
         shape = self.shape_of(x)
         m, n = shape[-2], shape[-1]
         if isinstance(m, int) and isinstance(n, int):
+            problem = shape_problem([m, n], max_elements=MAX_FOLD_ELEMENTS)
+            if problem:
+                raise self.fail(f"Trilu would build a mask at import time: {problem}")
             keep: Entry = np.triu(np.ones((m, n), bool), k) if upper else np.tril(np.ones((m, n), bool), k)
         else:
             base = self.node.output[0]
