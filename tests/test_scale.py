@@ -1,6 +1,6 @@
 """Weight-only quantization streams: its memory does not grow with the model (the 7B run is bench/scale_7b.py).
 
-A LLaMA-shaped bf16 model of ~0.1 B parameters (200 MB) is generated with ``bench/scale_7b.py``'s builder and
+A LLaMA-shaped bf16 model of 0.08 B parameters (166 MB) is generated with ``bench/scale_7b.py``'s builder and
 saved (weights generated one at a time); ``qir quantize -p quantize{scheme=w8a16}`` then runs in a child
 process with streaming forced on (at this size it would otherwise keep the codes in memory, which is cheap
 here), and its peak RSS (``wait4``) is compared with the same command on a model 100x smaller: the
@@ -49,7 +49,7 @@ def _sha(path: Path) -> str:
 
 @pytest.mark.slow
 def test_quantize_memory_does_not_grow_with_the_model(tmp_path: Path) -> None:
-    big = scale_7b.Shape(layers=6, hidden=1024, heads=8, kv_heads=8, ffn=2816, vocab=16000)
+    big = scale_7b.Shape(layers=4, hidden=1024, heads=8, kv_heads=8, ffn=2816, vocab=16000)
     small = scale_7b.Shape(layers=1, hidden=128, heads=2, kv_heads=2, ffn=256, vocab=512)
     sizes = {}
     for name, shape in (("big", big), ("small", small)):
