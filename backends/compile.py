@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qir.atomic import deferred_signals, fsync_dir
 from qir.backends.onnx.legality import Violation, check_lowered, check_module, fallback_candidates, refusal_message
 from qir.backends.onnx.lower import LowerOptions, lower_function
 from qir.backends.target import Target, load_target
@@ -198,15 +199,28 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
         (tmp / "target.json").write_text(json.dumps(tgt.to_json(), indent=2) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes the folder private; the artifact is an ordinary folder
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # Two renames when an older artifact is replaced: signals wait until both are done (one held back
+        # is raised as the block ends, after the commit), and a failed second rename puts the older
+        # artifact back. The older artifact is deleted whatever happens after the commit.
+        try:
+            with deferred_signals():
+                if out.exists():
+                    old = out.parent / f".{out.name}.old-{os.getpid()}"
+                    out.rename(old)
+                try:
+                    tmp.rename(out)
+                except BaseException:
+                    if old is not None:
+                        old.rename(out)
+                        old = None
+                    raise
+                fsync_dir(out.parent)
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

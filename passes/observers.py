@@ -246,7 +246,7 @@ class RangeObserver:
                 return self._clip(self.abs_percentile(percentile))
             lo = self.signed_percentile(100.0 - percentile)
             hi = self.signed_percentile(percentile)
-            return max(self.min, lo), min(self.max, hi)
+            return self._inside(lo, hi)
         if method == "mse":
             h = self.abs_histogram()
             return self._clip(mse_threshold(h.counts, h.width))
@@ -256,7 +256,15 @@ class RangeObserver:
         raise QirError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
 
     def _clip(self, t: float) -> tuple[float, float]:
-        return max(self.min, -t), min(self.max, t)
+        return self._inside(-t, t)
+
+    def _inside(self, lo: float, hi: float) -> tuple[float, float]:
+        """``(lo, hi)`` moved inside ``[min, max]`` with ``lo <= hi``: interpolation inside a bin can put a
+        percentile of constant data just past its one value, and a threshold below every value of one-signed
+        data would otherwise give an inverted range."""
+        lo = min(max(self.min, lo), self.max)
+        hi = max(min(self.max, hi), lo)
+        return lo, hi
 
 
 def mse_threshold(counts: np.ndarray, width: float, levels: int = INT8_LEVELS) -> float:

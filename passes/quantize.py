@@ -48,6 +48,12 @@ nearest with min/max scales (:func:`qir.quant.choose_params`).
 ``quantize`` consumes calibration statistics: it removes every ``calib.*`` constant when it is done
 (``keep_calib=true`` keeps them).
 
+Memory. When the weights to round to nearest hold more than :data:`STREAM_ELEMENTS` elements together
+(a model of a few hundred million parameters and up), the pass streams: each weight is read in blocks of
+rows to choose its scales, and its codes become a :class:`LazyCodes` that quantizes block by block again
+when read (by ``qir.save``, which writes one tensor at a time), so neither the float weights nor the codes
+of the whole model are ever in memory at once. The codes are the same as without streaming.
+
 Before::
 
     const @w1 : f32[3,4] = dense(...)
@@ -93,6 +99,12 @@ from qir.types import TensorType
 
 __all__ = ["SCHEMES", "Quantize", "WeightFormat", "parse_overrides"]
 
+STREAM_ELEMENTS = 1 << 28
+"""Above this many weight elements to round to nearest in one run, ``quantize`` streams (see the docstring)."""
+
+BLOCK_ELEMENTS = 1 << 22
+"""Weight elements quantized at a time when streaming (a block of whole rows)."""
+
 SCHEMES: dict[str, tuple[int, bool]] = {
     # scheme: (weight bits, activations quantized to 8 bits)
     "w8a8": (8, True),
@@ -128,6 +140,72 @@ class _Use:
     rounding: str = "rtn"
 
 
+def _row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    rows = max(1, BLOCK_ELEMENTS // max(1, int(np.prod(shape[1:], dtype=np.int64))))
+    return [(r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)]
+
+
+def _read_rows(source: object, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` of a constant's data as f32 (a lazy source is mapped for this block only)."""
+    data = source if isinstance(source, np.ndarray) else source.numpy()  # type: ignore[attr-defined]
+    return np.asarray(data[r0:r1], dtype=np.float32)
+
+
+def _rtn_args(fmt: WeightFormat) -> dict[str, object]:
+    return {"axis": 0} if fmt.group is None else {"axis": 1, "group_size": fmt.group}
+
+
+def streamed_params(wname: str, source: object, shape: tuple[int, ...], fmt: WeightFormat
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Round-to-nearest scale and zero point of a ``[N, K]`` weight, read a block of rows at a time.
+
+    Rows are independent at both granularities (per row, per group of columns), so the result equals
+    :func:`qir.passes.gptq.rtn_quantize`'s.
+    """
+    scales: list[np.ndarray] = []
+    zps: list[np.ndarray] = []
+    for r0, r1 in _row_blocks(shape):
+        try:
+            _, scale, zp = quant.choose_params(_read_rows(source, r0, r1), fmt.dtype, symmetric=fmt.symmetric,
+                                               **_rtn_args(fmt))  # type: ignore[arg-type]
+        except QirError as exc:
+            raise QirError(f"quantize: weight @{wname}, rows {r0}..{r1 - 1}: {exc}") from None
+        scales.append(scale)
+        if zp is not None:
+            zps.append(zp)
+    return np.concatenate(scales), (np.concatenate(zps) if zps else None)
+
+
+class LazyCodes:
+    """The integer codes of a weight quantized to nearest, computed block by block each time they are read.
+
+    Holds the float weight's data (usually a memory-mapped tensor) and the chosen parameters, not the codes:
+    ``numpy()`` returns a new array, and nothing is kept once the caller drops it.
+    """
+
+    def __init__(self, source: object, shape: tuple[int, ...], fmt: WeightFormat, scale: np.ndarray,
+                 zp: np.ndarray | None) -> None:
+        self.source = source
+        self.shape = shape
+        self.fmt = fmt
+        self.scale = scale
+        self.zp = zp
+        self.dtype = dtype(fmt.dtype).numpy
+
+    def numpy(self) -> np.ndarray:
+        d = dtype(self.fmt.dtype)
+        spec = QuantSpec(axis=0 if self.fmt.group is None else 1, group_size=self.fmt.group, scale="s",
+                         zero_point=None if self.zp is None else "z", symmetric=self.fmt.symmetric)
+        out = np.empty(self.shape, dtype=d.numpy)
+        for r0, r1 in _row_blocks(self.shape):
+            zp = None if self.zp is None else self.zp[r0:r1]
+            out[r0:r1] = quant.quantize_spec(_read_rows(self.source, r0, r1), spec, d, self.scale[r0:r1], zp).codes
+        return out
+
+    def __repr__(self) -> str:
+        return f"<LazyCodes {self.fmt.describe()} {list(self.shape)}>"
+
+
 def parse_overrides(text: str) -> list[tuple[str, str]]:
     """``"pat=scheme;pat2=none"`` as ``[(pattern, scheme_or_none), ...]`` (order kept: the last match wins)."""
     rules: list[tuple[str, str]] = []
@@ -143,6 +221,16 @@ def parse_overrides(text: str) -> list[tuple[str, str]]:
             raise QirError(f"quantize: override {item!r} names {value!r}; use one of {', '.join(SCHEMES)} or none")
         rules.append((pattern, value))
     return rules
+
+
+def _nonfinite_hint(w: np.ndarray) -> str:
+    """`` (first NaN at [3, 7]; 2 NaN/Inf in all)`` for a weight with non-finite elements, else ``""``."""
+    bad = ~np.isfinite(w)
+    n = int(bad.sum())
+    if not n:
+        return ""
+    first = [int(i) for i in np.unravel_index(int(np.argmax(bad)), w.shape)]
+    return f" (first non-finite element {w[tuple(first)]} at {first}; {n} NaN/Inf in all)"
 
 
 @register_pass
@@ -208,6 +296,8 @@ class Quantize(Pass):
         formats = self._resolve_formats(module, uses)
         stats = self._static_stats(module, uses, formats)
         hessians = self._collect_hessians(module, uses, formats) if self.rounding == "gptq" else {}
+        rtn_elements = sum(module.constant(w).type.numel() for w in formats if w not in hessians)
+        self._stream = rtn_elements > STREAM_ELEMENTS
         for wname, fmt in formats.items():
             # pop: an H is freed as soon as the last weight that reads its input is done
             self._quantize_constant(module, wname, fmt, uses[wname], hessians.pop(wname, None))
@@ -359,13 +449,22 @@ class Quantize(Pass):
                            hessian: np.ndarray | None) -> None:
         """Add the quantized codes (temporary name ``<w>.q``), scale and zero point constants for ``@wname``."""
         c = module.constant(wname)
-        w = np.asarray(c.numpy(), dtype=np.float32)
         d = dtype(fmt.dtype)
-        if hessian is not None:
-            codes, scale, zp = gptq_quantize(w, hessian, d, group=fmt.group, symmetric=fmt.symmetric,
-                                             damp=self.damp, block=self.block)
+        shape = tuple(int(s) for s in c.type.shape)
+        codes: np.ndarray | LazyCodes
+        if hessian is None and getattr(self, "_stream", False):
+            scale, zp = streamed_params(wname, c.data, shape, fmt)
+            codes = LazyCodes(c.data, shape, fmt, scale, zp)
         else:
-            codes, scale, zp = rtn_quantize(w, d, group=fmt.group, symmetric=fmt.symmetric)
+            w = np.asarray(c.numpy(), dtype=np.float32)
+            try:
+                if hessian is not None:
+                    codes, scale, zp = gptq_quantize(w, hessian, d, group=fmt.group, symmetric=fmt.symmetric,
+                                                     damp=self.damp, block=self.block)
+                else:
+                    codes, scale, zp = rtn_quantize(w, d, group=fmt.group, symmetric=fmt.symmetric)
+            except QirError as exc:
+                raise QirError(f"quantize: weight @{wname} {c.type}: {exc}{_nonfinite_hint(w)}") from None
         keeps_float = any(u.fmt is None for u in ulist)
         final = module.fresh_constant_name(f"{wname}.q") if keeps_float else wname
         qname = module.fresh_constant_name(f"{wname}.q")
@@ -375,7 +474,7 @@ class Quantize(Pass):
             spec = QuantSpec.per_axis(0, sname, zname)
         else:
             spec = QuantSpec.per_group(1, fmt.group, sname, zname)
-        module.add_constant(qname, codes, type=TensorType.of(d, w.shape, spec), after=wname)
+        module.add_constant(qname, codes, type=TensorType.of(d, shape, spec), after=wname)
         module.add_constant(sname, np.asarray(scale, dtype=np.float32), after=qname)
         if zname is not None and zp is not None:
             zdt = np.int8 if d.is_signed else np.uint8

@@ -30,6 +30,7 @@ import numpy as np
 from qir.dtypes import ALL_DTYPES, DType
 from qir.errors import ParseError, QirError, SerializationError
 from qir.graph import Function, Module, Value, check_name
+from qir.limits import MAX_TEXT_BYTES, text_size_problem
 from qir.ops.registry import OpDef, all_ops, get_op, has_op
 from qir.quantspec import QuantSpec
 from qir.shapes import Dim, dim
@@ -90,9 +91,14 @@ def parse_file(path: str | os.PathLike[str]) -> Module:
     name = os.fspath(path)
     try:
         with open(name, "rb") as fh:
-            raw = fh.read()
+            problem = text_size_problem(os.fstat(fh.fileno()).st_size)
+            if problem:
+                raise SerializationError(f"{name}: {problem}")
+            raw = fh.read(MAX_TEXT_BYTES + 1)
     except OSError as exc:
         raise SerializationError(f"cannot read {name}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TEXT_BYTES:
+        raise SerializationError(f"{name}: {text_size_problem(len(raw))}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -5,7 +5,8 @@ constant is stored as ``blob`` (anything the printer does not inline), ``model.s
 tensor per blob constant under the constant's name (sub-byte tensors packed, see
 :mod:`qir.safetensors_io`). Both files are written to temporary names in the destination folder,
 fsynced and then renamed over the destination (weights first, then text; if the text rename fails the
-old weights are put back), so a failed save leaves the old files as they were,
+old weights are put back; SIGINT and SIGTERM are held back between the two renames, see :mod:`qir.atomic`),
+so a failed or interrupted save leaves the old files as they were,
 and saving over the files a module was lazily loaded from works: the loaded module keeps reading the
 old file through the descriptor it opened, since a rename replaces the directory entry, not the file.
 The same module always gives byte-identical files.
@@ -31,9 +32,11 @@ from typing import BinaryIO
 import numpy as np
 
 from qir import safetensors_io as sio
+from qir.atomic import deferred_signals
 from qir.dtypes import DType
 from qir.errors import QirError, SerializationError
 from qir.graph import Constant, Module
+from qir.limits import MAX_TEXT_BYTES, text_size_problem
 from qir.safetensors_io import MappedTensor
 
 __all__ = ["MappedTensor", "blob_path", "load", "save", "stored_bytes"]
@@ -181,23 +184,25 @@ def save(module: Module, path: str | os.PathLike[str]) -> None:
             temps.append(tmp_st)
         tmp_txt = _write_temp(folder, p.name, lambda f: f.write(text), _mode_for(p))
         temps.append(tmp_txt)
-        if tmp_st is not None:
-            if st_exists:
-                # A hard link to the old weights lets a failed text rename put them back.
-                backup = str(folder / f".{st.name}.{secrets.token_hex(8)}.bak")
-                try:
-                    os.link(st, backup)
-                except OSError:
-                    backup = None
-            os.replace(tmp_st, st)
-            st_replaced = True
-        os.replace(tmp_txt, p)
-        if not tensors and st_ours:
-            # Weights of an earlier save of this file that nothing refers to any more; if they cannot
-            # be removed they are merely stale, so the save still succeeded.
-            with contextlib.suppress(OSError):
-                os.unlink(st)
-        _fsync_dir(folder)
+        # The commit is two renames; SIGINT/SIGTERM wait until both are done (see qir.atomic).
+        with deferred_signals():
+            if tmp_st is not None:
+                if st_exists:
+                    # A hard link to the old weights lets a failed text rename put them back.
+                    backup = str(folder / f".{st.name}.{secrets.token_hex(8)}.bak")
+                    try:
+                        os.link(st, backup)
+                    except OSError:
+                        backup = None
+                os.replace(tmp_st, st)
+                st_replaced = True
+            os.replace(tmp_txt, p)
+            if not tensors and st_ours:
+                # Weights of an earlier save of this file that nothing refers to any more; if they cannot
+                # be removed they are merely stale, so the save still succeeded.
+                with contextlib.suppress(OSError):
+                    os.unlink(st)
+            _fsync_dir(folder)
     except OSError as exc:
         if st_replaced:
             with contextlib.suppress(OSError):
@@ -228,9 +233,15 @@ def load(path: str | os.PathLike[str]) -> Module:
 
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        with open(p, "rb") as f:
+            problem = text_size_problem(os.fstat(f.fileno()).st_size)
+            if problem:
+                raise SerializationError(f"{p}: {problem}")
+            raw = f.read(MAX_TEXT_BYTES + 1)
     except OSError as exc:
         raise SerializationError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TEXT_BYTES:  # it grew after the size check
+        raise SerializationError(f"{p}: {text_size_problem(len(raw))}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -48,3 +48,31 @@ def test_real_model_import_and_compile_twice_are_identical(tmp_path: Path) -> No
         runs.append(digests(out))
     assert runs[0] == runs[1]
     assert {"m.qir", "m.safetensors", "m.json", "ort/model.onnx", "ort/target.json", "ort/report.json"} <= set(runs[0])
+
+
+def test_artifacts_do_not_depend_on_hash_seed_or_working_folder(tmp_path: Path) -> None:
+    """Set and dict iteration over strings follows PYTHONHASHSEED: two runs with different seeds, from different
+    working folders, give the same bytes, and no artifact carries a timestamp."""
+    import os
+    import re
+
+    runs = []
+    for seed in ("1", "2"):
+        out = tmp_path / "run"
+        shutil.rmtree(out, ignore_errors=True)
+        cwd = tmp_path / f"cwd{seed}"
+        cwd.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        for args in (["demo", "-q", "-o", str(out)],
+                     ["quantize", str(out / "tiny-f32.qir"), "-p", "quantize{scheme=w4a16,group=32},cse,dce",
+                      "-o", str(out / "q.qir")],
+                     ["compile", str(out / "tiny-w8a8.qir"), "--target", "ort-cpu", "-o", str(out / "ort")]):
+            proc = subprocess.run([sys.executable, "-m", "qir", *args], capture_output=True, text=True, timeout=600,
+                                  cwd=cwd, env=env)
+            assert proc.returncode == 0, proc.stderr
+        runs.append(digests(out))
+        stamp = re.compile(r"20\d\d-[01]\d-[0-3]\dT|\b1[6-9]\d{8}\.\d+")  # ISO dates, Unix times
+        for p in out.rglob("*"):
+            if p.suffix in (".json", ".qir"):
+                assert not stamp.search(p.read_text()), p
+    assert runs[0] == runs[1]

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from qir.atomic import terminate_raises
 from qir.errors import QirError
 from qir.tools import pass_cli
 from qir.tools.compile_cli import add_compile_parser
@@ -336,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        with terminate_raises():  # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed
+            return func(args)
     except QirError as exc:
         if args.debug:
             raise

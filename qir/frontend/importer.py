@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qir.atomic import write_text_atomic
 from qir.errors import QirError
 from qir.graph import Module
 
@@ -88,8 +89,8 @@ def save_import(imported: LoadedImport, path: str | os.PathLike[str]) -> Path:
         raise ModelImportError(f"{p}: the output file must end in .qir")
     save(imported.module, p)
     side = sidecar_path(p)
-    side.write_text(json.dumps({"source": imported.source, "kind": imported.kind, **imported.options},
-                               indent=2) + "\n")
+    write_text_atomic(side, json.dumps({"source": imported.source, "kind": imported.kind, **imported.options},
+                                       indent=2) + "\n")
     return side
 
 

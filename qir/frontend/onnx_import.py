@@ -22,6 +22,7 @@ with its count and the first node names, before anything is built.
 from __future__ import annotations
 
 import ast
+import math
 import os
 import re
 from collections import Counter
@@ -33,6 +34,7 @@ import numpy as np
 
 from qir.errors import QirError
 from qir.graph import Function, Module, Value
+from qir.limits import MAX_FOLD_ELEMENTS, shape_problem
 from qir.shapes import Dim, SymDim, add, broadcast, dim, mul, sub
 from qir.types import TensorType
 
@@ -619,6 +621,10 @@ class _Importer:
         except QirError as exc:
             raise self.fail(str(exc)) from None
         if isinstance(x, np.ndarray) and all(isinstance(d, int) for d in full) and not _is_sym(x):
+            # A view now, but the next folded op materializes it: refuse what no real model folds.
+            problem = shape_problem([int(d) for d in full], max_elements=MAX_FOLD_ELEMENTS)
+            if problem:
+                raise self.fail(f"Expand would build a constant at import time: {problem}")
             return np.broadcast_to(x, [int(d) for d in full])
         if tuple(full) == self.shape_of(x) and isinstance(x, Value):
             return x
@@ -631,6 +637,9 @@ class _Importer:
         v = self.attrs().get("value")
         fill = numpy_helper.to_array(v).reshape(()) if v is not None else np.array(0.0, np.float32)
         if all(isinstance(d, int) for d in target):
+            problem = shape_problem([int(d) for d in target], max_elements=MAX_FOLD_ELEMENTS)
+            if problem:
+                raise self.fail(f"ConstantOfShape would build a constant at import time: {problem}")
             return np.full([int(d) for d in target], fill, dtype=fill.dtype)
         return self.emit("expand", [np.asarray(fill)], {"shape": _attr_dims_text(target)})
 
@@ -638,7 +647,13 @@ class _Importer:
         start, limit, delta = (self.static(i, n) for i, n in enumerate(("start", "limit", "delta")))
         assert start is not None and limit is not None and delta is not None
         if not any(_is_sym(v) for v in (start, limit, delta)):
-            return np.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+            lo, hi, step = start.item(), limit.item(), delta.item()
+            if step == 0 or not all(math.isfinite(float(x)) for x in (lo, hi, step)):
+                raise self.fail(f"Range({lo}, {hi}, {step}) needs a finite, nonzero step")
+            if max(0, math.ceil((hi - lo) / step)) > MAX_FOLD_ELEMENTS:
+                raise self.fail(f"Range({lo}, {hi}, {step}) would build more than {MAX_FOLD_ELEMENTS:,} elements at "
+                                "import time")
+            return np.arange(lo, hi, step, dtype=start.dtype)
         s, e, d = (_as_dim(np.asarray(v).item()) for v in (start, limit, delta))
         if not (isinstance(s, int) and isinstance(d, int) and d == 1):
             raise self.fail(f"Range({s}, {e}, {d}) over a symbolic size is supported only with an integer start and "
@@ -828,6 +843,9 @@ class _Importer:
         shape = self.shape_of(x)
         m, n = shape[-2], shape[-1]
         if isinstance(m, int) and isinstance(n, int):
+            problem = shape_problem([m, n], max_elements=MAX_FOLD_ELEMENTS)
+            if problem:
+                raise self.fail(f"Trilu would build a mask at import time: {problem}")
             keep: Entry = np.triu(np.ones((m, n), bool), k) if upper else np.tril(np.ones((m, n), bool), k)
         else:
             base = self.node.output[0]
@@ -1044,4 +1062,48 @@ def import_onnx(path_or_model: str | os.PathLike[str] | Any, *, name: str | None
         default = model.graph.name or "model"
     if not hasattr(model, "graph"):
         raise ONNXImportError(f"expected a path or an onnx.ModelProto, got {type(path_or_model).__name__}")
-    return _Importer(model, _sanitize(name or default, "model")).run()
+    where = str(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else f"model {default!r}"
+    if not model.graph.output:
+        raise ONNXImportError(f"{where}: the model has no graph outputs (an empty or truncated file?)")
+    _check_tensor_headers(model, where)
+    importer = _Importer(model, _sanitize(name or default, "model"))
+    try:
+        return importer.run()
+    except QirError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ONNXImportError(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a malformed graph must end in one actionable error, not a traceback
+        node = importer.node
+        at = f" at node {node.name or '?'} ({node.op_type})" if node is not None else ""
+        raise ONNXImportError(f"{where}: malformed model{at}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_tensor_headers(model: Any, where: str) -> None:
+    """Refuse initializers and Constant values whose declared shape is beyond :mod:`qir.limits` or whose bytes
+    disagree with it, before ``numpy_helper.to_array`` allocates from them."""
+    from onnx import TensorProto, helper
+
+    def check(t: Any, what: str) -> None:
+        problem = shape_problem(list(t.dims))
+        if problem:
+            raise ONNXImportError(f"{where}: {what} {t.name!r}: {problem}")
+        if t.data_type == TensorProto.UNDEFINED:
+            raise ONNXImportError(f"{where}: {what} {t.name!r} has no data type")
+        if t.HasField("raw_data") and t.data_location != TensorProto.EXTERNAL:
+            try:
+                itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            except (KeyError, TypeError, ValueError):
+                raise ONNXImportError(f"{where}: {what} {t.name!r} has unknown data type {t.data_type}") from None
+            need = math.prod(t.dims) * itemsize
+            if t.data_type not in (TensorProto.INT4, TensorProto.UINT4, TensorProto.STRING) \
+                    and len(t.raw_data) != need:
+                raise ONNXImportError(f"{where}: {what} {t.name!r} declares {list(t.dims)} ({need:,} bytes) but "
+                                      f"holds {len(t.raw_data):,} bytes")
+
+    for t in model.graph.initializer:
+        check(t, "initializer")
+    for n in model.graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                check(a.t, f"node {n.name or n.op_type} attribute {a.name}")

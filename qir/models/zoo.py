@@ -384,7 +384,10 @@ def _gguf_tokenizer(tf: Any, path: Path, saved: Path | None) -> Any:
 
 
 def _load_gguf(path: Path, name: str, dtype: str, *, cache_tokenizer: bool = False) -> LoadedModel:
+    from qir.models.gguf_check import check_gguf
+
     t0 = time.perf_counter()
+    check_gguf(path)  # an untrusted header is checked against qir.limits before any GGUF reader allocates from it
     with _quiet_and_offline():
         tf = _import_transformers(need_gguf=True)
         kw: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True}
@@ -392,8 +395,9 @@ def _load_gguf(path: Path, name: str, dtype: str, *, cache_tokenizer: bool = Fal
         try:
             tokenizer = _gguf_tokenizer(tf, path, saved)
             module = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=_torch_dtype(dtype), **kw)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ModelLoadError(f"transformers could not load the GGUF file {path}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a damaged file makes transformers/gguf raise many types
+            raise ModelLoadError(f"transformers could not load the GGUF file {path}: {type(exc).__name__}: "
+                                 f"{exc}") from exc
     module.eval()
     config = module.config
     facts = _facts(config, module, kind="causal-lm", source_format="gguf", quant=_gguf_quant_counts(path),
