@@ -132,7 +132,7 @@ def test_property_tied_consistent_and_bounded(bits: int, clusters: int, keep: in
         resid = table - out.constant("embed.codebook").numpy()[index]
         codes, scale, _ = rtn_quantize(resid, f"i{bits}", group=None, symmetric=True)
         rtn_err = np.square(codes.astype(np.float32) * scale[:, None] - resid).sum(axis=1)
-        assert np.all(np.square(eff - table).sum(axis=1) <= rtn_err * (1 + 1e-5) + 1e-9)
+        assert np.all(np.square(eff - table).sum(axis=1) <= rtn_err * (1 + 1e-4) + 1e-9)  # 1e-4: float32 sums
     else:
         index = out.constant("embed.index").numpy()
         np.testing.assert_array_equal(eff, out.constant("embed.codebook").numpy()[index])
