@@ -10,9 +10,14 @@ activation of the model at once; statistics accumulate over feeds (:class:`~qir.
 Attribution. A tensor's *input SQNR* is the lowest SQNR among the matched values its producer reads (looking
 through values only one side has, such as ``%x.q``, to what they are computed from); a value read by nothing
 matched -- a function input, or an embedding lookup on exact token ids -- has input SQNR ``inf``. Its *SQNR drop*
-is input SQNR minus its own SQNR, with ``inf`` inputs counted as :data:`CLEAN_DB` (so a first lossy op gets a
-finite drop). ``worst`` is the tensor with the largest drop: the place where the error jumps. The text output
-lists the tensors ranked by drop, then where the SQNR first falls below a threshold.
+is input SQNR minus its own SQNR, an ``inf`` input counting as :data:`CLEAN_DB` (or as the output's SQNR when that
+is higher: float rounding differences between runtimes stay near 0), so a first lossy op gets a finite drop.
+``worst`` is the tensor with the largest drop: the place where the error jumps. The text output lists the tensors
+ranked by drop, then the first tensor in graph order under 20 dB.
+
+Reading the ranking: in LLMs a norm right after a broken layer can rank high too (``rms_norm`` of the residual
+stream): a few huge outlier channels dominate the residual's power, so an error that is small against them is
+large against the normalized output. The op that *introduced* the error is the one whose inputs were clean.
 """
 
 from __future__ import annotations
@@ -51,11 +56,14 @@ class TensorReport:
     exact: bool | None
     elements: int
     note: str = ""
+    weights: tuple[str, ...] = ()  # constants the producing op reads (names the layer)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "sqnr_db": self.sqnr_db, "cosine": self.cosine,
                              "max_abs_err": self.max_abs_err, "input_sqnr_db": self.input_sqnr_db,
                              "sqnr_drop_db": self.drop_db}
+        if self.weights:
+            d["weights"] = list(self.weights)
         if self.integer:
             d["exact"] = self.exact
         if self.note:
@@ -111,7 +119,7 @@ class CompareResult:
         lines.append(f"worst (largest SQNR drop against its inputs): {self.worst}")
         head = f"{'':2}{'tensor':48s} {'SQNR dB':>9s} {'in dB':>8s} {'drop':>8s} {'cosine':>10s} {'max|err|':>10s}"
         rows = self.tensors if all_tensors else self.ranked()[:top]
-        lines.append(("all tensors in graph order:" if all_tensors else f"top {len(rows)} by SQNR drop:"))
+        lines.append("all tensors in graph order:" if all_tensors else f"top {len(rows)} by SQNR drop:")
         lines.append(head)
         lines.extend(_row(t, t.name == self.worst) for t in rows)
         first = next((t for t in self.tensors if t.sqnr_db < 20.0), None)
@@ -130,7 +138,8 @@ def _row(t: TensorReport, mark: bool) -> str:
     name = t.name if len(t.name) <= 48 else "..." + t.name[-45:]
     ex = "" if t.exact is None else ("  exact" if t.exact else "  INTEGER MISMATCH")
     return (f"{'*' if mark else ' '} {name:48s} {t.sqnr_db:9.2f} {t.input_sqnr_db:8.2f} {t.drop_db:8.2f} "
-            f"{t.cosine:10.6f} {t.max_abs_err:10.3g}{ex}{('  ' + t.note) if t.note else ''}")
+            f"{t.cosine:10.6f} {t.max_abs_err:10.3g}{ex}{('  ' + t.note) if t.note else ''}"
+            f"{('  @' + t.weights[0]) if t.weights else ''}")
 
 
 class SpillStore:
@@ -215,7 +224,8 @@ def default_feeds(src: TensorSource, *, text: str | Path | None = None, windows:
         feeds = []
         for i in range(0, len(lines), batch):
             enc = tok(lines[i:i + batch], padding=True, truncation=True, max_length=seq, return_tensors="np")
-            feeds.append({names[0]: enc["input_ids"].astype(np.int64), names[1]: enc["attention_mask"].astype(np.int64)})
+            feeds.append({names[0]: enc["input_ids"].astype(np.int64),
+                          names[1]: enc["attention_mask"].astype(np.int64)})
         return feeds
     raise DebugError(f"{src.label}: a model of kind {src.kind!r}; give its inputs with --inputs FILE.npz")
 
@@ -259,7 +269,12 @@ def compare_sources(a: TensorSource, b: TensorSource, feeds: Sequence[dict[str, 
     finally:
         store.close()
     reads = _graph_reads(a, b)
-    reports = _attribute([stats[n] for n in shared], reads)
+    consts: dict[str, list[str]] = {}
+    for side in (a, b):
+        fn = getattr(side, "constants_of", None)  # optional in the protocol: sources that know the weights
+        if fn is not None:
+            consts.update(fn())
+    reports = _attribute([stats[n] for n in shared], reads, consts)
     worst = max(reports, key=lambda t: _finite(t.drop_db)).name if reports else None
     if reports and all(t.drop_db <= 0 or math.isnan(t.drop_db) for t in reports):
         worst = min(reports, key=lambda t: _finite(t.sqnr_db)).name if any(
@@ -269,6 +284,22 @@ def compare_sources(a: TensorSource, b: TensorSource, feeds: Sequence[dict[str, 
                          only_b=[n for n in names_b if n not in wanted])
 
 
+def _weights(names: list[str]) -> list[str]:
+    """The weight constants among an op's constants (not its scales, zero points or calibration statistics)."""
+    return [n for n in names if n.endswith("weight") or n.endswith("weight.q")] or names[:1]
+
+
+def _drop(in_db: float, sq: float) -> float:
+    """SQNR lost from the inputs to the output; exact inputs count as CLEAN_DB (or as the output, if cleaner)."""
+    if math.isnan(sq):
+        return math.nan
+    if sq == math.inf:
+        return 0.0
+    if in_db == math.inf:
+        in_db = max(CLEAN_DB, sq)
+    return in_db - sq
+
+
 def _graph_reads(a: TensorSource, b: TensorSource) -> dict[str, list[str]]:
     """Producer inputs per value: B's graph (the transformed one, which has the extra values), then A's."""
     reads = dict(a.inputs_of())
@@ -276,7 +307,8 @@ def _graph_reads(a: TensorSource, b: TensorSource) -> dict[str, list[str]]:
     return reads
 
 
-def _attribute(stats: list[TensorStats], reads: dict[str, list[str]]) -> list[TensorReport]:
+def _attribute(stats: list[TensorStats], reads: dict[str, list[str]], consts: dict[str, list[str]]
+               ) -> list[TensorReport]:
     by_name = {s.name: s for s in stats}
 
     def matched_inputs(name: str) -> Iterator[str]:
@@ -302,8 +334,8 @@ def _attribute(stats: list[TensorStats], reads: dict[str, list[str]]) -> list[Te
         elif s.nonfinite:
             note = f"{s.nonfinite} non-finite element(s) left out"
         sq = s.sqnr_db if not s.shape_mismatch else math.nan
-        drop = min(in_db, CLEAN_DB) - min(sq, CLEAN_DB) if not math.isnan(sq) else math.nan
+        drop = _drop(in_db, sq)
         out.append(TensorReport(s.name, sq, s.cosine if not s.shape_mismatch else math.nan,
                                 s.max_abs_err if not s.shape_mismatch else math.nan, in_db, drop, s.integer,
-                                s.exact, s.elements, note))
+                                s.exact, s.elements, note, tuple(_weights(consts.get(s.name, [])))))
     return out

@@ -99,6 +99,11 @@ class QirSource:
                 out[r.name] = reads
         return out
 
+    def constants_of(self) -> dict[str, list[str]]:
+        """For each op result, the constants (weights) its op reads: to name a layer in reports."""
+        return {r.name: [v.name for v in op.operands if v.is_constant] for op in self.function.ops
+                for r in op.results}
+
     def stream(self, feed: dict[str, np.ndarray], wanted: set[str], sink: Sink) -> None:
         from qir.interpreter import Interpreter
 
