@@ -30,6 +30,9 @@ __all__ = ["ArtifactFactory", "OrtSource", "QirSource", "Sink", "TensorSource", 
 
 Sink = Callable[[str, Any], None]
 
+#: How the ONNX lowering names the uint8 form (codes + 128) of a symmetric int8 activation (``act_u8``).
+U8_SUFFIX = "::u8"
+
 
 class DebugError(QirError):
     """A comparison cannot run (unknown input kind, no shared inputs, unreadable artifact ...)."""
@@ -138,17 +141,28 @@ class OrtSource:
         # The values that stand for qir values: graph inputs, value_info (every lowered op result) and outputs.
         # Helper tensors of a lowering are named "<result>::<what>" and are not qir values.
         self._infos = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)}
-        named = {n for n in self._infos if "::" not in n and n not in self._inits}
+        # One exception: with ``act_u8`` a symmetric int8 activation ``%x.q`` only exists as ``x.q::u8`` (the same
+        # codes + 128, for MatMulInteger's U8S8 kernels); it stands for ``x.q`` and is handed over as int8.
+        self._tensor: dict[str, str] = {}  # qir value name -> ONNX tensor name
+        for n in self._infos:
+            if n in self._inits:
+                continue
+            if "::" not in n:
+                self._tensor.setdefault(n, n)
+            elif n.endswith(U8_SUFFIX) and "::" not in n[: -len(U8_SUFFIX)]:
+                self._tensor.setdefault(n[: -len(U8_SUFFIX)], n)
+        value_of = {t: v for v, t in self._tensor.items()}
         self._producer: dict[str, Any] = {o: node for node in g.node for o in node.output}
         order = list(self._inputs)
         seen = set(order)
         for node in g.node:
             for o in node.output:
-                if o in named and o not in seen:
-                    order.append(o)
-                    seen.add(o)
+                if o in value_of and value_of[o] not in seen:
+                    order.append(value_of[o])
+                    seen.add(value_of[o])
         self._names = order
         self._named = set(order)
+        self._value_of = value_of
 
     @property
     def tokenizer(self) -> Any:
@@ -173,13 +187,14 @@ class OrtSource:
                 for i in node.input:
                     if not i or i in self._inits:
                         continue
-                    for n in ([i] if i in self._named else reads(i, depth + 1)):
+                    v = self._value_of.get(i)
+                    for n in ([v] if v in self._named else reads(i, depth + 1)):
                         if n not in found:
                             found.append(n)
             memo[tensor] = found
             return found
 
-        return {n: ([] if n in self._inputs else reads(n)) for n in self._names}
+        return {n: ([] if n in self._inputs else reads(self._tensor[n])) for n in self._names}
 
     def stream(self, feed: dict[str, np.ndarray], wanted: set[str], sink: Sink) -> None:
         from qir.backends.onnx.runtime import choose_providers, make_session, run_session
@@ -200,7 +215,11 @@ class OrtSource:
             values = dict(zip(order, outs))
             del outs
             for n in part:
-                sink(n, values.pop(n))
+                t = self._tensor[n]
+                value = values.pop(t)
+                if t.endswith(U8_SUFFIX) and value.dtype == np.uint8:
+                    value = (value.astype(np.int16) - 128).astype(np.int8)
+                sink(n, value)
 
     def _with_outputs(self, names: Iterable[str]) -> Any:
         import onnx
@@ -210,7 +229,7 @@ class OrtSource:
         del m.graph.output[:]
         for n in names:
             vi = onnx.ValueInfoProto()
-            vi.CopyFrom(self._infos[n])
+            vi.CopyFrom(self._infos[self._tensor[n]])
             m.graph.output.append(vi)
         return m
 
