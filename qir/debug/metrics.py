@@ -54,6 +54,7 @@ class TensorStats:
     max_abs_err: float = 0.0
     integer: bool = False  # both sides hold integer codes
     exact_elements: int = 0
+    max_code_diff: int = 0  # largest |code_a - code_b| (1: a rounding tie broken differently)
     shape_mismatch: str | None = None
     nonfinite: int = 0  # elements where either side is NaN/inf (left out of the sums)
 
@@ -71,7 +72,10 @@ class TensorStats:
         if codes_a is not None and codes_b is not None:
             self.integer = True
             if codes_a.shape == codes_b.shape:
-                self.exact_elements += int(np.count_nonzero(codes_a.astype(np.int64) == codes_b.astype(np.int64)))
+                diff = np.abs(codes_a.astype(np.int64) - codes_b.astype(np.int64))
+                self.exact_elements += int(diff.size - np.count_nonzero(diff))
+                if diff.size:
+                    self.max_code_diff = max(self.max_code_diff, int(diff.max()))
         if real_a.shape != real_b.shape:
             self.shape_mismatch = f"{list(real_a.shape)} vs {list(real_b.shape)}"
             return
