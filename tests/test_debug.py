@@ -151,6 +151,25 @@ def test_qir_against_its_ort_artifact(tmp_path: Path) -> None:
     assert ort.inputs_of()["layers.0.out"] == ["x", "layers.0.down"]
 
 
+def test_other_backends_plug_in_by_target_prefix(tmp_path: Path) -> None:
+    from qir.debug import open_source, register_artifact_source
+    from qir.debug.sources import _ARTIFACT_SOURCES, DebugError
+
+    folder = tmp_path / "art"
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps({"target": "fake-cpu"}))
+    with pytest.raises(DebugError, match="target 'fake-cpu'"):
+        open_source(str(folder))
+    m = mlp_stack()
+    register_artifact_source("fake-", lambda path: QirSource(m, label=f"fake:{path.name}"))
+    try:
+        src = open_source(str(folder))
+        assert src.label == "fake:art"
+        assert compare_sources(QirSource(m), src, feeds(1)).worst is None
+    finally:
+        del _ARTIFACT_SOURCES["fake-"]
+
+
 # -- per-pass accounting -----------------------------------------------------------------------------------
 
 def output_error_metric(reference: qir.Module) -> BoundedMetric:
