@@ -8,6 +8,9 @@ sidecar that names the model, so ``qir eval OUT.qir`` works). ``qir dump IN -p P
 Instrument flags, as in LLVM/MLIR: ``--print-after-all``, ``--print-after NAME`` (repeatable),
 ``--print-changed`` (unified diff of each pass that changed the IR), ``--dump-dir DIR`` (one numbered
 ``.qir`` per step), ``--timing``. ``--load-pass FILE`` (repeatable) imports a user's passes first.
+``--account`` measures the model after each pass that changes numerics (:mod:`qir.debug.account`); ``qir
+quantize`` writes the table to ``OUT.report.json`` and ``qir compile`` into the artifact's ``report.json``, both
+under ``pass_accounting``.
 """
 
 from __future__ import annotations
