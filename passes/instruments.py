@@ -7,7 +7,8 @@
 * :class:`Timing` — seconds per pass, printed at the end (``--timing``)
 
 The pass manager calls ``before_pipeline``, then ``after_pass`` for each pass with
-a :class:`PassRecord`, then ``after_pipeline``. Texts are printed once per step
+a :class:`PassRecord`, then ``after_pipeline``; ``before_pipeline_module`` / ``after_pass_module`` hand over
+the module as well, for instruments that measure it. Texts are printed once per step
 by the manager and shared, so instruments add no printing cost of their own.
 """
 
@@ -17,7 +18,10 @@ import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from qir.graph import Module
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,14 @@ class Instrument:
         pass
 
     def after_pipeline(self, records: list[PassRecord]) -> None:
+        pass
+
+    # Instruments that must look at the module itself (e.g. to run it: qir.debug.account) override these two;
+    # the module passed is the pipeline's working copy and must not be modified.
+    def before_pipeline_module(self, module: Module) -> None:
+        pass
+
+    def after_pass_module(self, record: PassRecord, module: Module) -> None:
         pass
 
 

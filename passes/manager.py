@@ -59,6 +59,7 @@ class PassManager:
         text, data_ids = _fingerprint(work)
         for inst in self.instruments:
             inst.before_pipeline(text)
+            inst.before_pipeline_module(work)
         self.records = []
         for i, p in enumerate(self.passes):
             so_far = format_pipeline(self.passes[: i + 1])
@@ -87,6 +88,7 @@ class PassManager:
             self.records.append(record)
             for inst in self.instruments:
                 inst.after_pass(record)
+                inst.after_pass_module(record, work)
             text, data_ids = new_text, new_ids
         for inst in self.instruments:
             inst.after_pipeline(self.records)

@@ -37,7 +37,10 @@ and gives the other a quantized copy ``@<w>.q``).
 
 ``overrides="lm_head*=none;*.down_proj.weight=w8a16"``: ``;``-separated ``fnmatch`` patterns over the
 weight constant's name, each ``= scheme`` or ``= none`` (keep float); the last matching pattern wins,
-and it beats ``head`` / ``embedding`` for the constants it matches.
+and it beats ``head`` / ``embedding`` for the constants it matches. Overrides also take ``w2a16`` (2-bit
+weights) and a ``:tensor`` suffix -- ``*.layers.3.mlp.down_proj.weight=w2a16:tensor`` -- for ONE scale per
+weight tensor (literal parameters in the type, always rounded to nearest): the coarse settings that
+``qir debug`` experiments and sensitivity studies need.
 
 ``rounding=gptq`` quantizes each linear weight with GPTQ (:mod:`qir.passes.gptq`): the calibration
 feeds of ``PassContext`` run through the float function once to accumulate ``H = 2 X^T X`` per distinct
@@ -111,20 +114,24 @@ SCHEMES: dict[str, tuple[int, bool]] = {
     "w8a16": (8, False),
     "w4a16": (4, False),
     "w4a8": (4, True),
+    "w2a16": (2, False),  # overrides only (the `scheme` option keeps the four above)
 }
+
+#: Suffix of an override value that asks for one scale per weight tensor (``w2a16:tensor``).
+PER_TENSOR = ":tensor"
 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one weight constant is stored: dtype, granularity (axis 0 per row, axis 1 per group), symmetry."""
+    """How one weight constant is stored: dtype, granularity (axis 0 per row, axis 1 per group, None per tensor)."""
 
     dtype: str
-    axis: int
+    axis: int | None
     group: int | None
     symmetric: bool
 
     def describe(self) -> str:
-        gran = "per row" if self.group is None else f"groups of {self.group}"
+        gran = "per tensor" if self.axis is None else "per row" if self.group is None else f"groups of {self.group}"
         return f"{self.dtype} {gran}"
 
 
@@ -217,8 +224,10 @@ def parse_overrides(text: str) -> list[tuple[str, str]]:
         pattern, value = pattern.strip(), value.strip()
         if not eq or not pattern:
             raise QirError(f"quantize: override {item!r} must be PATTERN=SCHEME (e.g. 'lm_head*=none')")
-        if value != "none" and value not in SCHEMES:
-            raise QirError(f"quantize: override {item!r} names {value!r}; use one of {', '.join(SCHEMES)} or none")
+        base = value.removesuffix(PER_TENSOR)
+        if value != "none" and base not in SCHEMES:
+            raise QirError(f"quantize: override {item!r} names {value!r}; use one of {', '.join(SCHEMES)} (optionally "
+                           f"with {PER_TENSOR} for one scale per tensor) or none")
         rules.append((pattern, value))
     return rules
 
@@ -252,8 +261,10 @@ class Quantize(Pass):
     keep_calib: bool = False
 
     # -- choices ------------------------------------------------------------------------------------------
-    def _format(self, bits: int, *, per_row: bool = False) -> WeightFormat:
+    def _format(self, bits: int, *, per_row: bool = False, per_tensor: bool = False) -> WeightFormat:
         signed = "i" if self.symmetric else "u"
+        if per_tensor:
+            return WeightFormat(f"{signed}{bits}", None, None, self.symmetric)
         group = None if per_row or self.group == 0 else self.group
         return WeightFormat(f"{signed}{bits}", 0 if group is None else 1, group, self.symmetric)
 
@@ -272,15 +283,17 @@ class Quantize(Pass):
             if self.head == "none":
                 return None, "float"
             return self._format(int(self.head[1:]), per_row=True), "float"
-        bits, act8 = SCHEMES[override or self.scheme]
-        return self._format(bits), (self.act if act8 else "float")
+        scheme = override or self.scheme
+        bits, act8 = SCHEMES[scheme.removesuffix(PER_TENSOR)]
+        return self._format(bits, per_tensor=scheme.endswith(PER_TENSOR)), (self.act if act8 else "float")
 
     def _embedding_choice(self, weight: str) -> WeightFormat | None:
         override = self._override(weight)
         if override == "none":
             return None
         if override is not None:
-            return self._format(SCHEMES[override][0], per_row=True)
+            return self._format(SCHEMES[override.removesuffix(PER_TENSOR)][0], per_row=True,
+                                per_tensor=override.endswith(PER_TENSOR))
         if self.embedding == "none":
             return None
         return self._format(int(self.embedding[1:]), per_row=True)
@@ -406,7 +419,8 @@ class Quantize(Pass):
             if wname not in formats:
                 continue
             for u in ulist:
-                if u.kind == "linear" and u.fmt is not None and u.rounding == "gptq" and u.func is func:
+                if (u.kind == "linear" and u.fmt is not None and u.rounding == "gptq" and u.func is func
+                        and formats[wname].axis is not None):
                     x = u.op.operands[0]
                     if all(x is not y for y in inputs_of.get(wname, [])):
                         inputs_of.setdefault(wname, []).append(x)
@@ -452,6 +466,15 @@ class Quantize(Pass):
         d = dtype(fmt.dtype)
         shape = tuple(int(s) for s in c.type.shape)
         codes: np.ndarray | LazyCodes
+        if fmt.axis is None:  # one scale for the whole tensor: literal parameters, no scale constant
+            w = np.asarray(c.numpy(), dtype=np.float32)
+            spec, scale, zp = quant.choose_params(w, d, symmetric=fmt.symmetric)
+            codes = quant.quantize_spec(w, spec, d, scale, zp).codes
+            final = module.fresh_constant_name(f"{wname}.q") if any(u.fmt is None for u in ulist) else wname
+            qname = module.fresh_constant_name(f"{wname}.q")
+            module.add_constant(qname, codes, type=TensorType.of(d, w.shape, spec), after=wname)
+            self._pending[wname] = (qname, final)
+            return
         if hessian is None and getattr(self, "_stream", False):
             scale, zp = streamed_params(wname, c.data, shape, fmt)
             codes = LazyCodes(c.data, shape, fmt, scale, zp)

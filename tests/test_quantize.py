@@ -160,8 +160,11 @@ def test_overrides_keep_layers_float_and_change_schemes() -> None:
     assert str(c["layer.k_proj.weight"].type) == "i8[48,48] q(axis=1, group=16, scale=@layer.k_proj.weight.scale)"
     qir.verify(out)
     assert parse_overrides(" a*=none ; b=w8a8 ;") == [("a*", "none"), ("b", "w8a8")]
-    with pytest.raises(QirError, match="use one of w8a8, w8a16, w4a16, w4a8 or none"):
+    with pytest.raises(QirError, match=r"use one of w8a8, w8a16, w4a16, w4a8, w2a16 \(optionally with :tensor"):
         parse_overrides("x=w3a3")
+    assert parse_overrides("x=w2a16:tensor") == [("x", "w2a16:tensor")]
+    with pytest.raises(QirError, match="names 'w3a3:tensor'"):
+        parse_overrides("x=w3a3:tensor")
     with pytest.raises(QirError, match="must be PATTERN=SCHEME"):
         parse_overrides("lm_head")
 

@@ -28,6 +28,7 @@ from qir.atomic import terminate_raises
 from qir.errors import QirError
 from qir.tools import pass_cli
 from qir.tools.compile_cli import add_compile_parser
+from qir.tools.debug_cli import add_debug_parser
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -326,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     add_compile_parser(sub)
+    add_debug_parser(sub)
     return parser
 
 

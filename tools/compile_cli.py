@@ -74,6 +74,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         module = pass_cli.run_pipeline_from_args(args, imported)
     meta: dict[str, Any] = {"source": imported.source, "kind": imported.kind, "pipeline": pipeline,
                             **{k: v for k, v in imported.options.items() if k == "max_seq"}}
+    if getattr(args, "accounting", None) is not None:
+        meta["pass_accounting"] = args.accounting.to_json()
     result = compile_module(module, args.target, Path(args.output), bind=parse_bind(args.bind),
                             fallback=args.fallback, check=not args.no_check, meta=meta)
     rep = result.report

@@ -8,6 +8,9 @@ sidecar that names the model, so ``qir eval OUT.qir`` works). ``qir dump IN -p P
 Instrument flags, as in LLVM/MLIR: ``--print-after-all``, ``--print-after NAME`` (repeatable),
 ``--print-changed`` (unified diff of each pass that changed the IR), ``--dump-dir DIR`` (one numbered
 ``.qir`` per step), ``--timing``. ``--load-pass FILE`` (repeatable) imports a user's passes first.
+``--account`` measures the model after each pass that changes numerics (:mod:`qir.debug.account`); ``qir
+quantize`` writes the table to ``OUT.report.json`` and ``qir compile`` into the artifact's ``report.json``, both
+under ``pass_accounting``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def add_pipeline_arguments(p: argparse.ArgumentParser, *, required: bool) -> Non
                    help="print a unified diff of the IR for every pass that changed it")
     p.add_argument("--dump-dir", metavar="DIR", help="write the IR after each step as DIR/NN-pass.qir")
     p.add_argument("--timing", action="store_true", help="print the time each pass took")
+    p.add_argument("--account", action="store_true",
+                   help="measure the model (ppl on 1x256 tokens of the text, or encoder cosine) after each pass "
+                        "that changes numerics; table on stderr, 'pass_accounting' in the report (qir.debug.account)")
+    p.add_argument("--account-text", metavar="FILE", help="text for --account (default: --calib-text)")
 
 
 def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> typing.Any:
@@ -70,6 +77,13 @@ def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> ty
         instruments.append(DumpDir(Path(args.dump_dir)))
     if args.timing:
         instruments.append(Timing())
+    if getattr(args, "account", False):
+        from qir.debug.account import PassAccounting, bounded_metric
+
+        text = args.account_text or args.calib_text
+        args.accounting = PassAccounting(make_metric=lambda m: bounded_metric(m, imported.kind, imported.tokenizer,
+                                                                              text=text))
+        instruments.append(args.accounting)
     context = PassContext()
     if args.calib_text:
         from qir.calibration_data import calibration_feeds
@@ -126,5 +140,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     result = run_pipeline_from_args(args, imported)
     saved = save_import(LoadedImport(module=result, kind=imported.kind, source=imported.source,
                                      tokenizer=imported.tokenizer, options=imported.options), out)
+    accounting = getattr(args, "accounting", None)
+    if accounting is not None:
+        report = out.with_suffix(".report.json")
+        report.write_text(json.dumps({"pass_accounting": accounting.to_json()}, indent=2) + "\n")
+        print(f"wrote {report}", file=sys.stderr)
     print(f"wrote {saved}", file=sys.stderr)
     return 0
