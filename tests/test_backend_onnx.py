@@ -132,8 +132,9 @@ def test_w8a8_integer_kernels_in_optimized_graph(tmp_path: Path) -> None:
     m = _mlp(QuantSpec.dynamic_spec(axis=2, group_size=64), axis=0)
     res = compile_module(m, "ort-cpu", tmp_path / "a")
     ops = optimized_op_counts(tmp_path / "a" / "model.onnx")
-    assert ops.get("MatMulInteger", 0) == 1 and "MatMul" in ops  # the K=1 scale product, not a float GEMM
-    assert res.report["functions"]["main"]["onnx_ops"]["MatMulInteger"] == 1
+    # The integer GEMM with the weight scale fused into it, then the per-token scale: no float GEMM is left.
+    assert ops.get("com.microsoft:MatMulIntegerToFloat", 0) == 1 and "MatMul" not in ops, ops
+    assert res.report["functions"]["main"]["onnx_ops"]["com.microsoft.MatMulIntegerToFloat"] == 1
 
 
 def test_static_per_tensor_asym_and_asym_weights() -> None:

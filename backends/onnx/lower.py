@@ -1117,6 +1117,19 @@ class _Lowerer:
             xa = a_codes
             if len(groups) > 1:
                 xa = self.node("Slice", [a_codes, self.i64([lo]), self.i64([hi]), self.i64([-1])], hint=h)
+            if len(groups) == 1 and xq.spec.axis is not None and xq.zp_b is None and spec.group_size is None:
+                # Symmetric per-token activations (qir's order: (acc * sw) * sx, see qir.ops.quantized):
+                # MatMulIntegerToFloat applies the per-column weight scale inside its GEMM (a_scale = 1; its
+                # a_scale is per tensor only, so sx cannot go there) and one Mul the per-row scale -- two passes
+                # over the output fewer than Cast -> Mul(acc, sx * sw).
+                sw1 = self.init(f"{sub}::scale", _f32(scale.reshape(()) if spec.axis is None else scale.reshape(n)))
+                if self.opts.contrib_ops:
+                    yw = self.node("MatMulIntegerToFloat", [xa, wt, self.lit(1.0, np.float32), sw1, a_zp, b_zp],
+                                   hint=f"{h}::acc_sw", domain=MS_DOMAIN)
+                else:
+                    acc = self.node("MatMulInteger", [xa, wt, a_zp, b_zp], hint=f"{h}::acc")
+                    yw = self.node("Mul", [self.node("Cast", [acc], hint=h, to=TensorProto.FLOAT), sw1], hint=h)
+                return self.node("Mul", [yw, xq.scale_b], out, hint=h)
             acc = self.node("MatMulInteger", [xa, wt, a_zp, b_zp], hint=f"{h}::acc")
             if xq.zp_b is not None and a_zp is None:
                 # Per-row activation zero points: sum_k (x - zx) w' = sum_k x w' - zx * sum_k w'.

@@ -16,6 +16,11 @@ of :mod:`qir.quant` (``q = clamp(rint(x/scale) + zp)``, ``x~ = scale*(q - zp)``)
       acc_g = (xq - zx)[..., g] @ (wq - zw)[:, g].T       exact integer, int32 accumulator
       y    += f32(acc_g) * (sx * sw[:, g])                  f32: sx*sw first, then the product, then the sum
 
+  except for a symmetric activation whose scale varies per row (per token) times a weight with one group
+  along K (per tensor or per row), where ``y = (f32(acc) * sw) * sx``: the weight scale is applied first, as
+  ONNX Runtime's ``MatMulIntegerToFloat`` does inside its GEMM (its activation scale is per tensor only), so
+  the ``ort-cpu`` lowering keeps that fused kernel and stays bit-exact.
+
   then ``y + bias`` in f32, then the cast to the result dtype (f32 default; f16
   or bf16 when declared). Type inference refuses operands whose accumulator
   could overflow int32 (``depth * max|xq - zx| * max|wq - zw| >= 2**31``, depth
@@ -247,8 +252,11 @@ def _integer_path(x: QTensor, w: QTensor) -> Array:
             sw = np.asarray(w.scale, np.float32)
         else:
             sw = np.asarray(w.scale, np.float32)[:, g]
-        scale = (np.asarray(sx, np.float32) * sw).astype(np.float32)
-        term = acc.astype(np.float32) * scale
+        if len(bounds) == 1 and x.spec.axis is not None and zx is None:  # per-token order, see the docstring
+            term = (acc.astype(np.float32) * sw).astype(np.float32) * np.asarray(sx, np.float32)
+        else:
+            scale = (np.asarray(sx, np.float32) * sw).astype(np.float32)
+            term = acc.astype(np.float32) * scale
         y = term if y is None else y + term
     if y is None:  # K == 0
         y = np.zeros(x.shape[:-1] + (n,), np.float32)
