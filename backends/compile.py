@@ -108,7 +108,9 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
         funcs: dict[str, Any] = {}
         fallbacks: list[str] = []
         notes: list[str] = []
-        for fname, fileName in files.items():
+        from qir.tools.progress import progress
+
+        for fname, fileName in progress(files.items(), f"compile for {tgt.name}"):
             lowered = lower_function(module, fname, options=opts)
             post = check_lowered(lowered.model, tgt, fname)
             bad = [v for v in post if v.severity == "error"]
