@@ -27,6 +27,7 @@ from pathlib import Path
 from qir.errors import QirError
 from qir.tools import pass_cli
 from qir.tools.compile_cli import add_compile_parser
+from qir.tools.run_cli import add_run_parsers
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -58,6 +59,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
         module = _read_module(args.file)
     if args.summary:
         sys.stdout.write(summarize(module))
+    elif args.format == "dot":
+        from qir.tools.dot import module_to_dot
+
+        sys.stdout.write(module_to_dot(module))
     else:
         sys.stdout.write(print_module(module))
     return EXIT_OK
@@ -166,23 +171,38 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from qir.frontend.importer import import_model
     from qir.generate import generate
 
-    imported = import_model(args.model, max_seq=args.max_seq)
-    if imported.kind != "causal-lm":
-        raise QirError(f"{args.model}: generation needs a causal LM with prefill and decode functions "
-                       f"(this is {imported.kind!r})")
+    if args.temperature < 0:
+        raise QirError(f"--temperature must be >= 0, not {args.temperature}")
+    if Path(args.model).is_dir():
+        # A compiled artifact folder (qir compile -o DIR): prefill/decode run on the artifact's runtime.
+        from qir.backends.compile import load_artifact
+        from qir.backends.runner import ArtifactRunner
+
+        artifact = load_artifact(args.model)
+        runner: object = ArtifactRunner(artifact)
+        tokenizer = artifact.tokenizer
+        engine = f"{artifact.report.get('target', '?')} artifact, {artifact.report.get('preset') or 'custom'}"
+    else:
+        from qir.frontend.importer import import_model
+
+        imported = import_model(args.model, max_seq=args.max_seq)
+        if imported.kind != "causal-lm":
+            raise QirError(f"{args.model}: generation needs a causal LM with prefill and decode functions "
+                           f"(this is {imported.kind!r})")
+        runner, tokenizer, engine = imported, imported.tokenizer, "reference interpreter"
     stream = None if args.quiet else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    result = generate(imported, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.raw,
-                      on_text=stream)
+    result = generate(runner, args.prompt, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+                      chat=False if args.raw else None, on_text=stream, temperature=args.temperature,
+                      seed=args.seed)
     if args.quiet:
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
     n = len(result.token_ids)
     decode_s = max(result.seconds - result.prefill_seconds, 1e-9)
     print(f"[{len(result.prompt_ids)} prompt tokens, prefill {result.prefill_seconds:.2f} s; {n} new tokens, "
-          f"{max(n - 1, 0) / decode_s:.1f} tokens/s decode (reference interpreter)]", file=sys.stderr)
+          f"{max(n - 1, 0) / decode_s:.1f} tokens/s decode ({engine})]", file=sys.stderr)
     return EXIT_OK
 
 
@@ -235,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--print-after-all, --print-changed, ...); nothing is written.")
     p.add_argument("file")
     p.add_argument("--summary", action="store_true", help="ops by kind, constants and bytes instead of the text")
+    p.add_argument("--format", choices=("text", "dot"), default="text",
+                   help="text (default): the canonical .qir text; dot: a Graphviz graph per function")
     pass_cli.add_pipeline_arguments(p, required=False)
     p.set_defaults(func=cmd_dump)
 
@@ -286,15 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode cache slots for causal LMs (default 1024); longest sequence for encoders (512)")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("generate", help="greedy generation with a causal LM (prefill + decode graphs)",
-                       description="Generate from MODEL (a zoo name, a model path, or a .qir written by 'qir "
-                                   "import' or 'qir quantize') through its qir prefill/decode functions on the "
-                                   "reference interpreter. The chat template is applied unless --raw.",
-                       epilog='example:\n  qir generate smollm2-135m --prompt "What is the capital of France?"',
+    p = sub.add_parser("generate", help="generate text with a compiled artifact folder or a causal LM",
+                       description="Generate from OUTDIR (a folder written by qir compile: prefill/decode run on its "
+                                   "runtime) or from MODEL (a zoo name, a model path, or a .qir written by 'qir "
+                                   "import' or 'qir quantize': its qir prefill/decode functions run on the "
+                                   "reference interpreter). Tokens stream to stdout; prompt tokens, prefill time "
+                                   "and decode tokens/s go to stderr at the end. The chat template is applied when "
+                                   "the tokenizer has one, unless --raw. Greedy unless --temperature > 0.",
+                       epilog='examples:\n  qir generate out/smollm2-135m-ort-cpu-w8a16 --prompt "What is the '
+                              'capital of France?"\n  qir generate out/smollm2-135m-ort-cpu-w8a16 --prompt "Tell a '
+                              'story" --max-new-tokens 64 --temperature 0.7 --seed 1\n'
+                              '  qir generate smollm2-135m --prompt "What is the capital of France?"   # interpreter'
+                              "\n\nexit codes: 0 ok, 2 bad usage or input",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL_OR_QIR")
+    p.add_argument("model", metavar="OUTDIR_OR_MODEL")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (same seed, same text)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("-q", "--quiet", action="store_true", help="print the text at the end instead of streaming")
     p.add_argument("--max-seq", type=int, default=None, help="decode cache slots when MODEL is traced here")
@@ -317,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     add_compile_parser(sub)
+    add_run_parsers(sub)
     return parser
 
 
@@ -327,12 +359,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_ERROR
     func: Callable[[argparse.Namespace], int] = args.func
+    from qir.tools.progress import set_quiet
+
+    set_quiet(bool(getattr(args, "quiet", False)))
     try:
         return func(args)
     except QirError as exc:
         if args.debug:
             raise
         print(f"qir {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a file or folder the user named cannot be read or written: their input, not a bug
+        if args.debug:
+            raise
+        print(f"qir {args.command}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("qir: interrupted", file=sys.stderr)
