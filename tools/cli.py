@@ -12,7 +12,12 @@ Subcommands (each is a documented library call first):
 * ``qir eval MODEL``     perplexity (causal LMs) or embedding cosine vs the float model (encoders)
                          (``qir.evaluate.evaluate``)
 
-Exit codes: 0 success, 1 "different" (diff) or "invalid" (verify), 2 bad usage or bad input.
+* ``qir compile [MODEL]`` import, quantize (preset or pipeline), lower for a target, report (``qir.tools.compile_cli``)
+* ``qir generate OUTDIR|MODEL`` stream text from a compiled artifact (its runtime) or a model (the interpreter)
+* ``qir run OUTDIR|FILE.qir`` run one function on inputs; ``qir targets`` the targets and what they support
+  (``qir.tools.run_cli``)
+
+Exit codes: 0 success, 1 "different" (diff) or "invalid" (verify), 2 bad usage or bad input, 130 interrupted.
 Errors print one message, no traceback, unless ``--debug`` is given.
 """
 
@@ -240,11 +245,22 @@ def _print_eval(result: dict[str, float | int], as_json: bool) -> None:
         print(f"{key:12s} {value:.10g}" if isinstance(value, float) else f"{key:12s} {value:,}")
 
 
+EXIT_CODES = "exit codes: 0 ok, 2 bad usage or input (one line on stderr; --debug shows the traceback)"
+
+
+def _epilog(*examples: str, exits: str = EXIT_CODES) -> str:
+    return "examples:\n" + "".join(f"  {e}\n" for e in examples) + "\n" + exits
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qir", description="qir: a compiler for quantized neural networks.",
-        epilog="examples:\n  qir demo -o out/demo\n  qir dump out/demo/tiny-w4.qir\n"
-               "  qir diff out/demo/tiny-f32.qir out/demo/tiny-w4.qir",
+        epilog=_epilog("qir compile                  # SmolLM2-135M for this CPU -> out/smollm2-135m-ort-cpu-w8a16",
+                       'qir generate out/smollm2-135m-ort-cpu-w8a16 --prompt "What is the capital of France?"',
+                       "qir demo -o out/demo", "qir dump out/demo/tiny-w4.qir",
+                       "qir diff out/demo/tiny-f32.qir out/demo/tiny-w4.qir",
+                       exits="exit codes: 0 ok; 1 'different' (diff) or 'invalid' (verify); 2 bad usage or input "
+                             "(one line on stderr, --debug for the traceback); 130 interrupted"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -252,7 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dump", help="print the canonical text of a .qir file (after a pipeline with -p)",
                        description="Print FILE's canonical text. With -p PIPELINE, FILE (a .qir file or any model "
                                    "qir import takes) is run through the pipeline first, with the instrument flags "
-                                   "(--print-after-all, --print-changed, ...); nothing is written.")
+                                   "(--print-after-all, --print-changed, ...); nothing is written.",
+                       epilog=_epilog("qir dump out/demo/tiny-w4.qir", "qir dump --summary out/demo/tiny-w4.qir",
+                                      "qir dump --format dot out/demo/tiny-w4.qir > tiny.dot && dot -Tsvg tiny.dot "
+                                      "-o tiny.svg", 'qir dump out/smol.qir -p "quantize{scheme=w8a16}" '
+                                      "--print-changed"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file")
     p.add_argument("--summary", action="store_true", help="ops by kind, constants and bytes instead of the text")
     p.add_argument("--format", choices=("text", "dot"), default="text",
@@ -264,33 +285,44 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Import MODEL (a zoo name, a model path or a .qir file), run PIPELINE and write "
                                    "OUT.qir (+ .safetensors and the .json sidecar naming the model).",
                        epilog='example:\n  qir quantize smollm2-135m -p "calibrate,quantize{scheme=w8a8},dce" '
-                              "--calib-text /usr/share/common-licenses/Apache-2.0 -o smol-w8a8.qir",
+                              "--calib-text /usr/share/common-licenses/Apache-2.0 -o smol-w8a8.qir\n\n" + EXIT_CODES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT.qir")
     pass_cli.add_pipeline_arguments(p, required=True)
     p.set_defaults(func=pass_cli.cmd_quantize)
 
-    p = sub.add_parser("passes", help="list the registered passes with their options")
+    p = sub.add_parser("passes", help="list the registered passes with their options",
+                       epilog=_epilog("qir passes", "qir passes --json", "qir passes --load-pass mypasses.py"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--load-pass", action="append", default=[], metavar="FILE",
                    help="a Python file that registers passes (repeatable)")
     p.set_defaults(func=pass_cli.cmd_passes)
 
-    p = sub.add_parser("diff", help="unified diff of two .qir files (exit 0 equal, 1 different)")
+    p = sub.add_parser("diff", help="unified diff of two .qir files (exit 0 equal, 1 different)",
+                       epilog=_epilog("qir diff out/demo/tiny-f32.qir out/demo/tiny-w4.qir",
+                                      "qir diff -U 0 a.qir b.qir", exits="exit codes: 0 equal, 1 different, 2 bad "
+                                      "usage or input"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("-U", "--context", type=int, default=3, help="lines of context (default 3)")
     p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser("verify", help="check a .qir file against every IR rule (exit 1 if invalid)")
+    p = sub.add_parser("verify", help="check a .qir file against every IR rule (exit 1 if invalid)",
+                       epilog=_epilog("qir verify out/demo/tiny-w4.qir", exits="exit codes: 0 valid, 1 invalid (every "
+                                      "problem listed on stderr), 2 bad usage or unreadable file"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("ops", help="list the registered ops")
+    p = sub.add_parser("ops", help="list the registered ops", epilog=_epilog("qir ops", "qir ops | grep ^q"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_ops)
 
-    p = sub.add_parser("demo", help="build, quantize, save, reload and run a small model; print a report")
+    p = sub.add_parser("demo", help="build, quantize, save, reload and run a small model; print a report",
+                       epilog=_epilog("qir demo -o out/demo"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--out", default="out/demo", help="folder for the demo's files (default out/demo)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -301,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                     ".pt2 or .onnx file) into qir. Causal LMs get two functions, prefill and decode (static KV "
                     "cache of --max-seq slots); encoders one, main (sentence embeddings). With -o X.qir it writes "
                     "X.qir, X.safetensors (weights) and X.json, a sidecar recording the source model and its kind, "
-                    "which 'qir eval X.qir' reads to find the tokenizer and the float model.")
+                    "which 'qir eval X.qir' reads to find the tokenizer and the float model.",
+        epilog=_epilog("qir import smollm2-135m -o out/smol.qir", "qir import minilm-l6 -o out/minilm.qir",
+                       "qir import path/to/model.gguf --max-seq 256 -o out/m.qir"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", help="write the module to this .qir file (and its .safetensors and .json)")
     p.add_argument("--max-seq", type=int, default=None,
@@ -338,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "FILE in windows of --window tokens (the first --windows of them) -> ppl, tokens, bytes. "
                     "Encoders: cosine similarity of the qir embeddings against the float model's on a built-in "
                     "set of 16 sentences, or the lines of --text -> cosine_mean, cosine_min, bytes. bytes is the "
-                    "stored size of all weights and quantization parameters.")
+                    "stored size of all weights and quantization parameters. An artifact folder from qir compile "
+                    "runs on its runtime with the same metric and keys.",
+        epilog=_epilog("qir eval out/smol.qir --text /usr/share/common-licenses/GPL-3 --json",
+                       "qir eval out/smollm2-135m-ort-cpu-w8a16 --text /usr/share/common-licenses/GPL-3 --windows 2",
+                       "qir eval out/minilm.qir --json"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_QIR")
     p.add_argument("--text", help="text file: perplexity text (causal LM) or one sentence per line (encoder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
