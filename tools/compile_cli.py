@@ -149,13 +149,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     eval_text = Path(args.eval_text) if args.eval_text else None
     if eval_text is not None and not eval_text.is_file():
         raise CompileUsageError(f"--eval-text {eval_text}: no such text file")
-    if pipeline:
-        from qir.passes import load_entry_points, load_pass_file, parse_pipeline
+    from qir.passes import load_entry_points, load_pass_file, parse_pipeline
 
-        for f in args.load_pass:
-            load_pass_file(f)
-        load_entry_points()
-        parse_pipeline(pipeline)  # unknown passes and options fail before the model is imported
+    for f in args.load_pass:
+        load_pass_file(f)
+    args.load_pass = []  # loaded once, here: the pipeline run below must not register them a second time
+    load_entry_points()
+    parse_pipeline(pipeline or "")  # unknown passes and options fail before the model is imported
     args.calib_text = _calib_default(pipeline, args.calib_text)
     if not args.quiet and not args.json:
         print(f"compiling {model} for {target.name} with {f'preset {preset}' if preset else 'pipeline'} "
