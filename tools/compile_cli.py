@@ -119,11 +119,8 @@ def _check_writable(out: Path) -> None:
         raise CompileUsageError(f"-o {out}: cannot write in {existing} (permission denied); choose another folder")
 
 
-def _calib_default(pipeline: str, given: str | None) -> str | None:
-    if given is not None:
-        if not Path(given).is_file():
-            raise CompileUsageError(f"--calib-text {given}: no such text file")
-        return given
+def _calib_default(pipeline: str) -> str | None:
+    """The default calibration text when ``pipeline`` has a pass that reads calibration data, else None."""
     from qir.passes import parse_pipeline
 
     if not any(p.name in CALIBRATED_PASSES for p in parse_pipeline(pipeline)):
@@ -156,7 +153,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     args.load_pass = []  # loaded once, here: the pipeline run below must not register them a second time
     load_entry_points()
     parse_pipeline(pipeline or "")  # unknown passes and options fail before the model is imported
-    args.calib_text = _calib_default(pipeline, args.calib_text)
+    if args.calib_text is not None and not Path(args.calib_text).is_file():
+        raise CompileUsageError(f"--calib-text {args.calib_text}: no such text file")
     if not args.quiet and not args.json:
         print(f"compiling {model} for {target.name} with {f'preset {preset}' if preset else 'pipeline'} "
               f"{pipeline!r} -> {out}", file=sys.stderr)
@@ -164,6 +162,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from qir.frontend.importer import import_model
 
     imported = import_model(model, max_seq=args.max_seq)
+    if args.calib_text is None and imported.tokenizer is not None:
+        args.calib_text = _calib_default(pipeline)
     float_module = imported.module
     module = float_module
     if pipeline:
