@@ -226,3 +226,24 @@ def test_interrupted_compile_leaves_no_folder(demo: Path, tmp_path: Path) -> Non
     assert proc.returncode == 130 and "interrupted" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [hook]  # no temporary folder left either
+
+
+def test_output_error_per_layer_on_real_activations(demo: Path) -> None:
+    from qir.passes import run_pipeline
+    from qir.serialize import load
+    from qir.tools.report import layer_rows, output_errors
+
+    f32 = load(demo / "tiny-f32.qir")
+    feed = {f32.main.inputs[0].name: np.asarray([[3, 1, 4, 1, 5, 9, 2, 6]], dtype=np.int64)}
+    same = output_errors(f32, f32, feed, "main")
+    linears = {op.operands[1].name for op in f32.main.ops if op.opcode == "linear"}
+    assert set(same) == linears and all(v == 0.0 for v in same.values())
+    w8 = output_errors(f32, run_pipeline(f32, "quantize{scheme=w8a16}"), feed, "main")
+    w4 = output_errors(f32, run_pipeline(f32, "quantize{scheme=w4a16,group=32}"), feed, "main")
+    assert all(0 < w8[n] < 0.05 for n in linears), w8
+    # 4 bits lose more than 8, layer by layer; the tied head ("embed") stays int8 per row in both schemes
+    body = linears - {"embed"}
+    assert all(w4[n] > 2 * w8[n] for n in body), (w4, w8)
+    assert w4["embed"] == w8["embed"]
+    rows = {r["name"]: r for r in layer_rows(f32, run_pipeline(f32, "quantize{scheme=w4a16,group=32}"))}
+    assert all(rows[n]["bits"] == 4 for n in body) and rows["embed"]["bits"] == 8

@@ -6,7 +6,8 @@
   quantization parameters, :func:`qir.stored_bytes`), bits per parameter, the compression ratio;
 * ``layers``: one row per weight (a constant of the float module with at least two dimensions): stored dtype and
   bits, granularity, stored bytes (with its scale and zero-point constants), and the relative weight error
-  ``||W~ - W|| / ||W||`` of the dequantized weight against the float one;
+  ``||W~ - W|| / ||W||`` of the dequantized weight against the float one, and for causal LMs the relative output
+  error ``||x (W~ - W)^T|| / ||x W^T||`` of each linear on its real float input over 64 tokens (:func:`output_errors`);
 * ``quality``: the compiled artifact run on its backend against the float PyTorch model on a small, bounded
   sample -- perplexity over ``windows`` windows of ``window`` tokens of a license text for causal LMs (default 2 x
   256, a few seconds), embedding cosine on built-in sentences for encoders. ``windows=0`` skips it;
@@ -122,6 +123,50 @@ def layer_rows(float_module: Module, module: Module) -> list[dict[str, Any]]:
     return rows
 
 
+def output_errors(float_module: Module, module: Module, feed: dict[str, np.ndarray], function: str
+                  ) -> dict[str, float]:
+    """Relative output error ``||x (W~ - W)^T|| / ||x W^T||`` of every ``linear`` weight on real activations.
+
+    One float run of ``function`` on ``feed`` by the reference interpreter; ``x`` is each linear's input there
+    (so every layer sees float inputs: the error its own rounding adds, not the accumulated one). Weights ``module``
+    does not store in a way :class:`~qir.interpreter.RunContext` can dequantize are left out.
+    """
+    from qir.interpreter import Interpreter, RunContext
+    from qir.quant import QTensor
+
+    func = float_module.function(function)
+    readers: dict[int, list[str]] = {}
+    for op in func.ops:
+        if op.opcode == "linear" and len(op.operands) > 1 and op.operands[1].is_constant:
+            readers.setdefault(id(op.operands[0]), []).append(op.operands[1].name)
+    ctx, ref_ctx = RunContext(module), RunContext(float_module)
+    sums: dict[str, list[float]] = {}
+
+    def dense(c: RunContext, name: str) -> np.ndarray:
+        data = c.constant(name)
+        return np.asarray(data.dequantize() if isinstance(data, QTensor) else data, dtype=np.float32)
+
+    def observe(value: Any, data: Any) -> None:
+        names = readers.get(id(value))
+        if not names:
+            return
+        x = np.asarray(data.dequantize() if isinstance(data, QTensor) else data, dtype=np.float32)
+        x = x.reshape(-1, x.shape[-1])
+        for name in names:
+            if name not in module.constants:
+                continue
+            try:
+                w, wq = dense(ref_ctx, name), dense(ctx, name)
+            except (QirError, ValueError):
+                continue
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += float(np.square(x @ (wq - w).T).sum())
+            acc[1] += float(np.square(x @ w.T).sum())
+
+    Interpreter(float_module).run(feed, function=function, observer=observe)
+    return {name: (e / r) ** 0.5 if r > 0 else 0.0 for name, (e, r) in sums.items()}
+
+
 def quality(artifact_dir: Path, imported: Any, *, text: Path | None, windows: int,
             window: int = DEFAULT_EVAL_WINDOW) -> dict[str, Any] | None:
     """Quality of the artifact in ``artifact_dir`` against the float model; None when ``windows`` is 0."""
@@ -202,6 +247,21 @@ def build_report(report: dict[str, Any], *, artifact_dir: Path, out_dir: Path, f
                                               and o.get("window") == report["quality"].get("window")
                                               and o.get("text") == report["quality"].get("text"))]
     report["others"] = same
+    if report["quality"] is not None and imported.kind == "causal-lm" and imported.tokenizer is not None:
+        # Output error per layer on one short window (64 tokens of the perplexity text): cheap, a few seconds.
+        from qir.evaluate import read_text
+
+        text = eval_text or default_eval_text()
+        ids = imported.tokenizer(read_text(text), add_special_tokens=False)["input_ids"][:64] if text else []
+        fname = "prefill" if "prefill" in float_module.functions else float_module.main.name
+        if len(ids) >= 2:
+            from qir.tools.progress import Progress
+
+            with Progress("report: per-layer output error (64 tokens, interpreter)"):
+                errs = output_errors(float_module, module, {float_module.function(fname).inputs[0].name:
+                                                            np.asarray([ids], dtype=np.int64)}, fname)
+            for row in report["layers"]:
+                row["output_error"] = errs.get(row["name"])
     return report
 
 

@@ -92,9 +92,13 @@ def plot_layer_error(report: dict[str, Any]) -> bytes:
     fig = Figure(figsize=(9, 3))
     ax = fig.add_subplot()
     errs = [100 * r["rel_error"] if r["rel_error"] is not None else 0.0 for r in rows]
-    ax.bar(range(len(rows)), errs, width=1.0, color="tab:red")
-    ax.set_ylabel("relative weight error, %")
-    ax.set_title("||W~ - W|| / ||W|| per weight tensor")
+    ax.bar(range(len(rows)), errs, width=1.0, color="tab:red", label="weight ||W~ - W|| / ||W||")
+    if any(r.get("output_error") is not None for r in rows):
+        outs = [100 * r["output_error"] if r.get("output_error") is not None else float("nan") for r in rows]
+        ax.plot(range(len(rows)), outs, ".", color="black", markersize=3, label="output ||x(W~ - W)'|| / ||xW'||")
+        ax.legend(fontsize=8)
+    ax.set_ylabel("relative error, %")
+    ax.set_title("error per weight tensor")
     _layer_axis(ax, rows)
     return _png(fig)
 
@@ -147,11 +151,13 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         parts.append(f'<img id="{name[:-4]}" alt="{name}" src="data:image/png;base64,{data}">')
     rows = report.get("layers") or []
     parts += [f"<h2>Per layer ({len(rows)} weights)</h2>", '<table id="layers">',
-              _row(["weight", "dtype", "bits", "granularity", "params", "bytes", "relative error"], "th")]
+              _row(["weight", "dtype", "bits", "granularity", "params", "bytes", "relative weight error",
+                    "relative output error"], "th")]
     for r in rows:
         err = "n/a" if r["rel_error"] is None else f"{100 * r['rel_error']:.3f}%"
+        out_err = "n/a" if r.get("output_error") is None else f"{100 * r['output_error']:.3f}%"
         parts.append(_row([r["name"], r["dtype"], r["bits"] if r["bits"] is not None else "-", r["granularity"],
-                           f"{r['params']:,}", f"{r['bytes']:,}", err]))
+                           f"{r['params']:,}", f"{r['bytes']:,}", err, out_err]))
     parts.append("</table>")
     if report.get("fallbacks") or report.get("warnings"):
         parts.append("<h2>Fallbacks and warnings</h2><ul>")
