@@ -4,7 +4,9 @@ An artifact folder holds::
 
     model.onnx          the module's main function (``main``, or ``prefill`` for causal LMs)
     decode.onnx         ``decode`` (and one ``<function>.onnx`` per further function)
-    *.onnx.data         external initializer data, only when a model's initializers pass 2 GB
+    weights.onnx.data   the weights of all functions, stored once, when there are several functions (prefill and
+                        decode read the same file through ONNX external data)
+    model.onnx.data     external initializer data of a single-function model past protobuf's 2 GB limit
     target.json         the target profile it was compiled for (rules with their sources)
     report.json         bytes, ONNX ops by kind per function, qir ops by kind, fallbacks, warnings, notes
 
@@ -18,6 +20,7 @@ reference interpreter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,13 +74,58 @@ def _options(target: Target, bind: dict[str, int] | None, fallback: set[str]) ->
                         bind=tuple(sorted((bind or {}).items())), fallback_float=frozenset(fallback))
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_LIMIT:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+SHARED_DATA = "weights.onnx.data"
+SHARED_MIN_BYTES = 1024   # smaller initializers stay inside their .onnx file
+SHARED_ALIGN = 4096       # page-aligned offsets let ONNX Runtime memory-map the data
+
+
+def _tensor_key(t: onnx.TensorProto) -> tuple[Any, ...]:
+    return (t.data_type, tuple(t.dims), hashlib.blake2b(t.raw_data, digest_size=16).digest())
+
+
+def _save_all(models: dict[str, onnx.ModelProto], folder: Path) -> dict[str, int]:
+    """Write each model as ``folder/<file>``; return the bytes each one reads (its file plus its external data).
+
+    One function alone is saved self-contained (external data only past protobuf's 2 GB limit). Several functions
+    (a causal LM's ``prefill`` and ``decode``) hold the same weights: every initializer of at least
+    ``SHARED_MIN_BYTES`` is written once into ``weights.onnx.data`` and each model points into it (ONNX external
+    data: location, offset, length), so the artifact stores the weights once instead of once per function.
+    """
+    sizes: dict[str, int] = {}
+    if len(models) == 1:
+        (name, model), = models.items()
+        path = folder / name
+        if sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_LIMIT:
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(path))
+        sizes[name] = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(name))
+        return sizes
+    placed: dict[tuple[Any, ...], tuple[int, int]] = {}
+    with open(folder / SHARED_DATA, "wb") as data:
+        for name, model in models.items():
+            external = 0
+            for t in model.graph.initializer:
+                if len(t.raw_data) < SHARED_MIN_BYTES:
+                    continue
+                key = _tensor_key(t)
+                if key not in placed:
+                    offset = -(-data.tell() // SHARED_ALIGN) * SHARED_ALIGN
+                    data.seek(offset)
+                    data.write(t.raw_data)
+                    placed[key] = (offset, len(t.raw_data))
+                offset, length = placed[key]
+                external += length
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", SHARED_DATA), ("offset", str(offset)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+            onnx.save_model(model, str(folder / name))
+            sizes[name] = (folder / name).stat().st_size + external
+    return sizes
 
 
 def compile_module(module: Module, target: str | Target, out_dir: str | os.PathLike[str], *,
@@ -110,6 +158,7 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
     try:
         files = function_files(module)
         funcs: dict[str, Any] = {}
+        models: dict[str, onnx.ModelProto] = {}
         fallbacks: list[str] = []
         notes: list[str] = []
         from qir.tools.progress import progress
@@ -126,11 +175,10 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
                     onnx.checker.check_model(lowered.model, full_check=True)
                 except Exception as exc:  # noqa: BLE001 - onnx raises several types
                     raise CompileError(f"@{fname}: the lowered ONNX model fails onnx.checker: {exc}") from None
-            _save(lowered.model, tmp / fileName)
+            models[fileName] = lowered.model
             g = lowered.model.graph
-            nbytes = sum((tmp / f).stat().st_size for f in os.listdir(tmp) if f.startswith(fileName))
             funcs[fname] = {
-                "file": fileName, "bytes": nbytes,
+                "file": fileName,
                 "initializer_bytes": sum(len(t.raw_data) for t in g.initializer),
                 "inputs": [i.name for i in g.input], "outputs": [o.name for o in g.output],
                 "onnx_ops": dict(Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}"
@@ -139,11 +187,14 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
             }
             fallbacks.extend(lowered.fallbacks)
             notes.extend(lowered.notes)
+        for fname, nbytes in zip(funcs, _save_all(models, tmp).values(), strict=True):
+            funcs[fname]["bytes"] = nbytes
+        del models
         from qir.serialize import stored_bytes
 
         report = {
             "module": module.name, "target": tgt.name, "opset": opts.opset,
-            "bind": dict(opts.bind), "bytes": sum(f["bytes"] for f in funcs.values()),
+            "bind": dict(opts.bind), "bytes": sum(f.stat().st_size for f in tmp.iterdir()),
             "qir_stored_bytes": stored_bytes(module), "functions": funcs,
             "fallbacks": fallbacks, "warnings": [v.to_json() for v in violations if v.severity == "warning"],
             "notes": sorted(set(notes)), "lowering": {k: (sorted(v) if isinstance(v, frozenset) else v)

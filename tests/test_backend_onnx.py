@@ -202,6 +202,28 @@ def test_qembedding_dequantize_requantize() -> None:
     np.testing.assert_allclose(o, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("dt", "kw"), [
+    ("i2", {"axis": 0}), ("i4", {"axis": 0, "symmetric": False}), ("u4", {"axis": 1, "group_size": 16}),
+    ("i2", {"axis": 1, "group_size": 16, "symmetric": False}), ("i4", {"axis": None})])
+def test_sub_byte_qembedding_is_stored_packed_and_exact(dt: str, kw: dict[str, object]) -> None:
+    rng = np.random.default_rng(5)
+    m = qir.Module("e")
+    tab = _weight(m, "tab", rng.standard_normal((40, 60)).astype(np.float32), dt, **kw)  # 60: no group divides
+    f = m.add_function("main")
+    ids = f.add_input("ids", TensorType.of("i64", [2, "seq"]))
+    f.set_outputs([f.add_op("qembedding", [tab, ids], names=["e"]).result])
+    idv = np.array([[3, 0, 39, 7], [1, 1, 2, 38]], np.int64)
+    (ref,) = run(m, [idv])
+    lf = lower_function(m)
+    onnx.checker.check_model(lf.model, full_check=True)
+    packed = [t for t in lf.model.graph.initializer if "::packed" in t.name]
+    bits = qir.dtypes.dtype(dt).bits
+    assert len(packed) == 1 and tuple(packed[0].dims) == (40, -(-60 * bits // 8))
+    for level in ("none", "all"):
+        (o,) = _ort_run(lf.model, {"ids": idv}, level)
+        np.testing.assert_array_equal(o, ref)
+
+
 # -- targets, legality, artifacts -----------------------------------------------------------------------------
 def test_targets_load_with_sources() -> None:
     for name in ("ort-cpu", "ort-ascend"):

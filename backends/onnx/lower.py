@@ -137,6 +137,7 @@ class _Lowerer:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: dict[str, TensorProto] = {}
         self.names: set[str] = set()
+        self.tname: dict[str, str] = {}  # constant -> its transposed initializer
         self.vname: dict[int, str] = {}
         self.cname: dict[str, str] = {}
         self.qinfo: dict[int, _QInfo] = {}
@@ -443,7 +444,16 @@ class _Lowerer:
         self.set(op, y)
 
     def transposed_float(self, w: Value) -> str:
-        """``w.T`` of a 2-D weight: a ``Transpose`` node on the initializer (ORT folds it at load)."""
+        """``w.T`` of a 2-D weight. A constant read only as a ``linear`` weight is stored transposed (``<w>::T``,
+        ``[K, N]``), the layout ``torch.onnx.export`` writes: ORT would fold a ``Transpose`` at load anyway, but
+        tools that rewrite the file (ONNX Runtime's own quantizers, NPU converters) only recognise a ``MatMul``
+        whose weight is an initializer. Anything else (a weight tied to an embedding) keeps a ``Transpose``."""
+        if w.is_constant and w.type.quant is None and all(
+                u.opcode == "linear" and u.operands[1] is w and u.operands[0] is not w for u in w.users()):
+            if w.name not in self.tname:
+                self.tname[w.name] = self.init(f"{w.name}::T", np.ascontiguousarray(self.const_data(w.name).T),
+                                               exact=True)
+            return self.tname[w.name]
         return self.node("Transpose", [self.val(w)], hint=f"{w.name}::T", perm=[1, 0])
 
     def op_embedding(self, op: Op, a: Any) -> None:
@@ -1026,6 +1036,48 @@ class _Lowerer:
         t = self.inits.get(name)
         return t is not None and int(np.prod(t.dims)) == 1
 
+    def packed_rows(self, table: Value, ids: Value, h: str) -> str:
+        """int32 codes of the rows ``ids`` of a sub-byte table stored packed (``8 // bits`` codes per byte).
+
+        The table is stored as ``uint8 [V, ceil(D / per)]`` holding ``code - qmin`` little-end first; the looked-
+        up rows are unpacked with ``BitShift`` / ``BitwiseAnd`` (exact), so a 2-bit table takes a quarter of the
+        bytes an int8 copy would.
+        """
+        t = table.type
+        bits = t.dtype.bits
+        per = 8 // bits
+        v, d = (int(x) for x in t.shape)
+        dp = -(-d // per) * per
+        if table.name not in self.tname:
+            codes = np.asarray(self.module.constant(table.name).numpy()).astype(np.int32) - t.dtype.qmin
+            padded = np.zeros((v, dp), np.uint8)
+            padded[:, :d] = codes.astype(np.uint8)
+            shifts = (np.arange(per, dtype=np.uint8) * bits)
+            packed = np.bitwise_or.reduce(padded.reshape(v, dp // per, per) << shifts, axis=2).astype(np.uint8)
+            self.tname[table.name] = self.init(f"{table.name}::packed{bits}", packed, exact=True)
+        rows = self.node("Gather", [self.tname[table.name], self.val(ids)], hint=h, axis=0)
+        rows = self.node("Unsqueeze", [rows, self.i64([-1])], hint=h)
+        shifted = self.node("BitShift", [rows, self.lit(np.arange(per) * bits, np.uint8)], hint=h,
+                            direction="RIGHT")
+        u = self.node("BitwiseAnd", [shifted, self.lit((1 << bits) - 1, np.uint8)], hint=h)
+        u = self.node("Reshape", [u, self.i64([0] * ids.type.rank + [dp])], hint=h)
+        if dp != d:
+            u = self.node("Slice", [u, self.i64([0]), self.i64([d]), self.i64([-1])], hint=h)
+        c = self.node("Cast", [u], hint=h, to=TensorProto.INT32)
+        return self.node("Add", [c, self.lit(t.dtype.qmin, np.int32)], hint=f"{h}::codes") if t.dtype.qmin else c
+
+    def group_rows(self, params: str, ids: Value, group: int, d: int, h: str) -> str:
+        """Per-group parameters ``[V, G]`` of the rows ``ids``, each repeated over its group: ``[*ids, d]``."""
+        g = self.node("Gather", [params, self.val(ids)], hint=h, axis=0)
+        g = self.node("Unsqueeze", [g, self.i64([-1])], hint=h)
+        shape = self.node("Concat", [self.node("Shape", [g], hint=h, end=-1), self.lit([group], np.int64)], hint=h,
+                          axis=0)
+        g = self.node("Expand", [g, shape], hint=h)
+        g = self.node("Reshape", [g, self.i64([0] * ids.type.rank + [-1])], hint=h)
+        if d % group == 0:
+            return g
+        return self.node("Slice", [g, self.i64([0]), self.i64([d]), self.i64([-1])], hint=h)
+
     def op_qembedding(self, op: Op, a: Any) -> None:
         table, ids = op.operands
         t = table.type
@@ -1038,11 +1090,11 @@ class _Lowerer:
             self.fallbacks.append(f"qembedding %{h} (table @{table.name} {t}) kept in f16")
             self.set(op, self.node("Cast", [rows], h, to=onnx_dtype(op.result.type.dtype)))
             return
-        codes = self.const(table) if t.dtype.bits == 8 else self.init(
-            f"{table.name}::i8", np.asarray(self.module.constant(table.name).numpy()).astype(
-                np.int8 if t.dtype.is_signed else np.uint8), exact=True)
-        rows = self.node("Gather", [codes, self.val(ids)], hint=h, axis=0)
-        c = self.node("Cast", [rows], hint=h, to=TensorProto.INT32)
+        if t.dtype.bits == 8:
+            rows = self.node("Gather", [self.const(table), self.val(ids)], hint=h, axis=0)
+            c = self.node("Cast", [rows], hint=h, to=TensorProto.INT32)
+        else:
+            c = self.packed_rows(table, ids, h)
         scale, zp = self.params(t, table.name)
         if spec.axis is None:
             sb = self.lit(scale.reshape(()), np.float32)
@@ -1055,14 +1107,14 @@ class _Lowerer:
                 zb = self.node("Gather", [self.init(f"{table.name}::zp.col", zp.reshape(-1, 1).astype(np.int32)),
                                           self.val(ids)], hint=h, axis=0)
         else:
-            d = int(t.shape[1])
-            rep = np.repeat(scale, spec.group_size, axis=1)[:, :d]
-            sb = self.node("Gather", [self.init(f"{table.name}::scale.full", rep), self.val(ids)], hint=h, axis=0)
+            # Gather the looked-up rows' group scales, then repeat each over its group (at run time, on the few
+            # rows looked up, rather than storing a scale per table element).
+            sb = self.group_rows(self.init(f"{table.name}::scale", _f32(scale)), ids, spec.group_size,
+                                 int(t.shape[1]), h)
             zb = None
             if zp is not None:
-                zrep = np.repeat(zp, spec.group_size, axis=1)[:, :d].astype(np.int32)
-                zb = self.node("Gather", [self.init(f"{table.name}::zp.full", zrep), self.val(ids)], hint=h, axis=0)
-            self.notes.append(f"qembedding %{h}: per-group scales of @{table.name} expanded to one per element")
+                zb = self.group_rows(self.init(f"{table.name}::zp", np.asarray(zp).astype(np.int32)), ids,
+                                     spec.group_size, int(t.shape[1]), h)
         if zb is not None:
             c = self.node("Sub", [c, zb], hint=h)
         cf = self.node("Cast", [c], hint=h, to=TensorProto.FLOAT)
