@@ -87,7 +87,11 @@ def test_presets_table_matches_the_code() -> None:
     from qir.tools.compile_cli import PRESETS
 
     rows = {}
-    for line in README.read_text().splitlines():
+    lines = README.read_text().splitlines()
+    start = lines.index("| preset | pipeline | meaning |")
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 3 and cells[0].startswith("`") and cells[0].strip("`") in PRESETS:
             rows[cells[0].strip("`")] = cells[1].strip("`").replace("\\|", "|")
