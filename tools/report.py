@@ -298,6 +298,10 @@ def summary_text(report: dict[str, Any], out_dir: Path) -> str:
         desc = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1])) or "none"
         worst = max(errs, key=lambda r: r["rel_error"]) if errs else None
         tail = f"; worst relative weight error {100 * worst['rel_error']:.2f}% ({worst['name']})" if worst else ""
+        outs = [r for r in layers if r.get("output_error") is not None]
+        if outs:
+            w_out = max(outs, key=lambda r: r["output_error"])
+            tail += f", output error {100 * w_out['output_error']:.2f}% ({w_out['name']})"
         lines.append(f"  layers   {len(quantized)}/{len(layers)} weights quantized: {desc}{tail}")
     if report.get("fallbacks"):
         lines.append(f"  fallback {len(report['fallbacks'])} op(s) kept in f16 (see report.json)")
