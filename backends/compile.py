@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,13 +131,17 @@ def _save_all(models: dict[str, onnx.ModelProto], folder: Path) -> dict[str, int
 
 def compile_module(module: Module, target: str | Target, out_dir: str | os.PathLike[str], *,
                    bind: dict[str, int] | None = None, fallback: bool = False, check: bool = True,
-                   meta: dict[str, Any] | None = None) -> CompileResult:
+                   meta: dict[str, Any] | None = None,
+                   finish: Callable[[Path, dict[str, Any]], None] | None = None) -> CompileResult:
     """Lower every function of ``module`` for ``target`` and write the artifact folder ``out_dir``.
 
     ``bind``: fixed values for symbolic sizes (``{"seq": 128}``; needed by static-shape targets). ``fallback``:
     ops that break a target rule are kept in f16 (and listed in the report) instead of refusing. ``check``: run
     ``onnx.checker`` (full check with shape inference). ``meta``: extra report entries (source model, kind,
-    pipeline). Raises :class:`CompileError` listing every violation when the module does not fit the target.
+    pipeline). ``finish(folder, report)``: called once the files are written but before the folder is moved into
+    place (e.g. to evaluate the artifact and add to the report, which is then written again), so an interrupted
+    report never leaves a folder that looks complete. Raises :class:`CompileError` listing every violation when the
+    module does not fit the target.
     """
     tgt = target if isinstance(target, Target) else load_target(target)
     violations = check_module(module, tgt, bind=bind)
@@ -158,7 +162,9 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
         models: dict[str, onnx.ModelProto] = {}
         fallbacks: list[str] = []
         notes: list[str] = []
-        for fname, fileName in files.items():
+        from qir.tools.progress import progress
+
+        for fname, fileName in progress(files.items(), f"compile for {tgt.name}"):
             lowered = lower_function(module, fname, options=opts)
             post = check_lowered(lowered.model, tgt, fname)
             bad = [v for v in post if v.severity == "error"]
@@ -198,6 +204,9 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
         }
         (tmp / "target.json").write_text(json.dumps(tgt.to_json(), indent=2) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if finish is not None:
+            finish(tmp, report)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         old = None
         umask = os.umask(0)
         os.umask(umask)

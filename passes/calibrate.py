@@ -41,8 +41,6 @@ After ``calibrate`` on two feeds (``calibrate_mlp.expected.qir``; the function i
 
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -155,16 +153,12 @@ class Calibrate(Pass):
                 obs.update(np.asarray(data))
 
         from qir.interpreter import Interpreter
+        from qir.tools.progress import progress
 
         interp = Interpreter(module)
-        tty = sys.stderr.isatty()
-        t0 = time.perf_counter()
         feeds = list(self.context.batches("calibrate"))
-        for i, feed in enumerate(feeds):
+        for feed in progress(feeds, f"calibrate @{func.name}"):
             interp.run(feed, function=func.name, observer=observe)
-            if tty:
-                print(f"\rcalibrate @{func.name}: batch {i + 1}/{len(feeds)} ({time.perf_counter() - t0:.1f} s)",
-                      end="" if i + 1 < len(feeds) else "\n", file=sys.stderr, flush=True)
         for v in targets:
             obs = observers[id(v)]
             if obs.empty:

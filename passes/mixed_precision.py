@@ -185,7 +185,9 @@ class MixedPrecision(Pass):
         second, freq = self._moments(module, uses)
         func = calibration_function(module, self.context.function)
         options: dict[str, dict[Candidate, tuple[int, float]]] = {}
-        for wname, ulist in uses.items():
+        from qir.tools.progress import progress
+
+        for wname, ulist in progress(uses.items(), "mixed-precision: sensitivity"):
             w = np.asarray(module.constant(wname).numpy(), dtype=np.float32)
             n, k = w.shape
             # one function's uses (the calibrated one when it reads the weight): prefill + decode would count twice
@@ -291,7 +293,9 @@ class MixedPrecision(Pass):
         from qir.interpreter import Interpreter
 
         interp = Interpreter(module)
-        for feed in feeds:
+        from qir.tools.progress import progress
+
+        for feed in progress(feeds, "mixed-precision: input moments"):
             interp.run(feed, function=func.name, observer=observe)
         second = {vid: sums[vid] / counts[vid] for vid in sums}
         # decode's linears read other values than prefill's: give them the moments of the same weight's input

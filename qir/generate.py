@@ -1,4 +1,4 @@
-"""Greedy text generation through a causal LM's ``prefill`` and ``decode`` functions.
+"""Text generation (greedy or sampled) through a causal LM's ``prefill`` and ``decode`` functions.
 
 The module (see :mod:`qir.frontend.causal_lm`) is run by the reference interpreter: ``prefill`` on the prompt gives
 the logits and the caches ``[1, n_kv, P, hd]``; the caches are zero-padded to the decode graph's ``max_seq`` slots;
@@ -120,10 +120,28 @@ def _as_runner(model: Any) -> StepRunner:
                           f"an object with prefill() and decode()")
 
 
+def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator | None) -> int:
+    """The next token: argmax when ``temperature`` is 0, else a sample from ``softmax(logits / temperature)``."""
+    if temperature <= 0 or rng is None:
+        return int(np.argmax(logits))
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(p.size, p=p))
+
+
 def generate_ids(model: Module | StepRunner | Any, ids: Sequence[int], *, max_new_tokens: int = 32,
                  eos_token_id: int | Sequence[int] | None = None,
-                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], bool, float, list[float]]:
-    """Greedy ids after ``ids``; returns (new ids, stopped at EOS, prefill seconds, seconds per decode step)."""
+                 on_token: Callable[[int], None] | None = None, temperature: float = 0.0,
+                 seed: int | None = None) -> tuple[list[int], bool, float, list[float]]:
+    """Ids after ``ids``; returns (new ids, stopped at EOS, prefill seconds, seconds per decode step).
+
+    Greedy when ``temperature`` is 0 (the default); otherwise sampled from the softmax at that temperature with a
+    ``numpy`` generator seeded by ``seed`` (the same seed gives the same text).
+    """
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, not {temperature}")
+    rng = np.random.default_rng(seed) if temperature > 0 else None
     runner = _as_runner(model)
     eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
     n = len(ids)
@@ -138,7 +156,7 @@ def generate_ids(model: Module | StepRunner | Any, ids: Sequence[int], *, max_ne
     caches = [_pad_cache(c, runner.max_seq) for c in caches]
     out: list[int] = []
     steps: list[float] = []
-    next_id = int(np.argmax(logits[0, -1]))
+    next_id = _choose(logits[0, -1], temperature, rng)
     position = n
     stopped = False
     while True:
@@ -154,7 +172,7 @@ def generate_ids(model: Module | StepRunner | Any, ids: Sequence[int], *, max_ne
         logits, caches = runner.decode(np.asarray([[next_id]], dtype=np.int64), np.asarray([position], np.int64),
                                        caches)
         steps.append(time.perf_counter() - t1)
-        next_id = int(np.argmax(logits[0, -1]))
+        next_id = _choose(logits[0, -1], temperature, rng)
         position += 1
     return out, stopped, prefill_s, steps
 
@@ -172,8 +190,10 @@ def _pad_cache(c: np.ndarray, slots: int) -> np.ndarray:
 
 def generate(model: Module | StepRunner | Any, prompt: str | Sequence[int], *, tokenizer: Any | None = None,
              max_new_tokens: int = 32, chat: bool | None = None, stop_at_eos: bool = True,
-             on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    """Greedy generation for ``prompt`` (text, or token ids) through ``model``'s prefill/decode functions.
+             on_text: Callable[[str], None] | None = None, temperature: float = 0.0,
+             seed: int | None = None) -> GenerationResult:
+    """Generation for ``prompt`` (text, or token ids) through ``model``'s prefill/decode functions: greedy, or
+    sampled when ``temperature`` > 0 (reproducible with ``seed``).
 
     ``model``: a qir Module with ``prefill``/``decode``, the result of :func:`qir.import_model` (its tokenizer is
     used when ``tokenizer`` is not given), or a :class:`StepRunner`. Text prompts go through the chat template when
@@ -198,7 +218,7 @@ def generate(model: Module | StepRunner | Any, prompt: str | Sequence[int], *, t
 
     t0 = time.perf_counter()
     new, stopped, prefill_s, steps = generate_ids(model, ids, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                                  on_token=callback)
+                                                  on_token=callback, temperature=temperature, seed=seed)
     seconds = time.perf_counter() - t0
     shown = new[:-1] if stopped else new  # the EOS itself is not part of the text
     text = tokenizer.decode(shown) if tokenizer is not None else ""

@@ -12,7 +12,12 @@ Subcommands (each is a documented library call first):
 * ``qir eval MODEL``     perplexity (causal LMs) or embedding cosine vs the float model (encoders)
                          (``qir.evaluate.evaluate``)
 
-Exit codes: 0 success, 1 "different" (diff) or "invalid" (verify), 2 bad usage or bad input.
+* ``qir compile [MODEL]`` import, quantize (preset or pipeline), lower for a target, report (``qir.tools.compile_cli``)
+* ``qir generate OUTDIR|MODEL`` stream text from a compiled artifact (its runtime) or a model (the interpreter)
+* ``qir run OUTDIR|FILE.qir`` run one function on inputs; ``qir targets`` the targets and what they support
+  (``qir.tools.run_cli``)
+
+Exit codes: 0 success, 1 "different" (diff) or "invalid" (verify), 2 bad usage or bad input, 130 interrupted.
 Errors print one message, no traceback, unless ``--debug`` is given.
 """
 
@@ -29,6 +34,7 @@ from qir.errors import QirError
 from qir.tools import pass_cli
 from qir.tools.compile_cli import add_compile_parser
 from qir.tools.debug_cli import add_debug_parser
+from qir.tools.run_cli import add_run_parsers
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
@@ -60,6 +66,10 @@ def cmd_dump(args: argparse.Namespace) -> int:
         module = _read_module(args.file)
     if args.summary:
         sys.stdout.write(summarize(module))
+    elif args.format == "dot":
+        from qir.tools.dot import module_to_dot
+
+        sys.stdout.write(module_to_dot(module))
     else:
         sys.stdout.write(print_module(module))
     return EXIT_OK
@@ -173,23 +183,38 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from qir.frontend.importer import import_model
     from qir.generate import generate
 
-    imported = import_model(args.model, max_seq=args.max_seq)
-    if imported.kind != "causal-lm":
-        raise QirError(f"{args.model}: generation needs a causal LM with prefill and decode functions "
-                       f"(this is {imported.kind!r})")
+    if args.temperature < 0:
+        raise QirError(f"--temperature must be >= 0, not {args.temperature}")
+    if Path(args.model).is_dir():
+        # A compiled artifact folder (qir compile -o DIR): prefill/decode run on the artifact's runtime.
+        from qir.backends.compile import load_artifact
+        from qir.backends.runner import ArtifactRunner
+
+        artifact = load_artifact(args.model)
+        runner: object = ArtifactRunner(artifact)
+        tokenizer = artifact.tokenizer
+        engine = f"{artifact.report.get('target', '?')} artifact, {artifact.report.get('preset') or 'custom'}"
+    else:
+        from qir.frontend.importer import import_model
+
+        imported = import_model(args.model, max_seq=args.max_seq)
+        if imported.kind != "causal-lm":
+            raise QirError(f"{args.model}: generation needs a causal LM with prefill and decode functions "
+                           f"(this is {imported.kind!r})")
+        runner, tokenizer, engine = imported, imported.tokenizer, "reference interpreter"
     stream = None if args.quiet else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    result = generate(imported, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.raw,
-                      on_text=stream)
+    result = generate(runner, args.prompt, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+                      chat=False if args.raw else None, on_text=stream, temperature=args.temperature,
+                      seed=args.seed)
     if args.quiet:
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
     n = len(result.token_ids)
     decode_s = max(result.seconds - result.prefill_seconds, 1e-9)
     print(f"[{len(result.prompt_ids)} prompt tokens, prefill {result.prefill_seconds:.2f} s; {n} new tokens, "
-          f"{max(n - 1, 0) / decode_s:.1f} tokens/s decode (reference interpreter)]", file=sys.stderr)
+          f"{max(n - 1, 0) / decode_s:.1f} tokens/s decode ({engine})]", file=sys.stderr)
     return EXIT_OK
 
 
@@ -227,11 +252,22 @@ def _print_eval(result: dict[str, float | int], as_json: bool) -> None:
         print(f"{key:12s} {value:.10g}" if isinstance(value, float) else f"{key:12s} {value:,}")
 
 
+EXIT_CODES = "exit codes: 0 ok, 2 bad usage or input (one line on stderr; --debug shows the traceback)"
+
+
+def _epilog(*examples: str, exits: str = EXIT_CODES) -> str:
+    return "examples:\n" + "".join(f"  {e}\n" for e in examples) + "\n" + exits
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qir", description="qir: a compiler for quantized neural networks.",
-        epilog="examples:\n  qir demo -o out/demo\n  qir dump out/demo/tiny-w4.qir\n"
-               "  qir diff out/demo/tiny-f32.qir out/demo/tiny-w4.qir",
+        epilog=_epilog("qir compile                  # SmolLM2-135M for this CPU -> out/smollm2-135m-ort-cpu-w8a16",
+                       'qir generate out/smollm2-135m-ort-cpu-w8a16 --prompt "What is the capital of France?"',
+                       "qir demo -o out/demo", "qir dump out/demo/tiny-w4.qir",
+                       "qir diff out/demo/tiny-f32.qir out/demo/tiny-w4.qir",
+                       exits="exit codes: 0 ok; 1 'different' (diff) or 'invalid' (verify); 2 bad usage or input "
+                             "(one line on stderr, --debug for the traceback); 130 interrupted"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -239,9 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dump", help="print the canonical text of a .qir file (after a pipeline with -p)",
                        description="Print FILE's canonical text. With -p PIPELINE, FILE (a .qir file or any model "
                                    "qir import takes) is run through the pipeline first, with the instrument flags "
-                                   "(--print-after-all, --print-changed, ...); nothing is written.")
+                                   "(--print-after-all, --print-changed, ...); nothing is written.",
+                       epilog=_epilog("qir dump out/demo/tiny-w4.qir", "qir dump --summary out/demo/tiny-w4.qir",
+                                      "qir dump --format dot out/demo/tiny-w4.qir > tiny.dot && dot -Tsvg tiny.dot "
+                                      "-o tiny.svg", 'qir dump out/smol.qir -p "quantize{scheme=w8a16}" '
+                                      "--print-changed"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file")
     p.add_argument("--summary", action="store_true", help="ops by kind, constants and bytes instead of the text")
+    p.add_argument("--format", choices=("text", "dot"), default="text",
+                   help="text (default): the canonical .qir text; dot: a Graphviz graph per function")
     pass_cli.add_pipeline_arguments(p, required=False)
     p.set_defaults(func=cmd_dump)
 
@@ -249,33 +292,44 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Import MODEL (a zoo name, a model path or a .qir file), run PIPELINE and write "
                                    "OUT.qir (+ .safetensors and the .json sidecar naming the model).",
                        epilog='example:\n  qir quantize smollm2-135m -p "calibrate,quantize{scheme=w8a8},dce" '
-                              "--calib-text /usr/share/common-licenses/Apache-2.0 -o smol-w8a8.qir",
+                              "--calib-text /usr/share/common-licenses/Apache-2.0 -o smol-w8a8.qir\n\n" + EXIT_CODES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT.qir")
     pass_cli.add_pipeline_arguments(p, required=True)
     p.set_defaults(func=pass_cli.cmd_quantize)
 
-    p = sub.add_parser("passes", help="list the registered passes with their options")
+    p = sub.add_parser("passes", help="list the registered passes with their options",
+                       epilog=_epilog("qir passes", "qir passes --json", "qir passes --load-pass mypasses.py"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--load-pass", action="append", default=[], metavar="FILE",
                    help="a Python file that registers passes (repeatable)")
     p.set_defaults(func=pass_cli.cmd_passes)
 
-    p = sub.add_parser("diff", help="unified diff of two .qir files (exit 0 equal, 1 different)")
+    p = sub.add_parser("diff", help="unified diff of two .qir files (exit 0 equal, 1 different)",
+                       epilog=_epilog("qir diff out/demo/tiny-f32.qir out/demo/tiny-w4.qir",
+                                      "qir diff -U 0 a.qir b.qir", exits="exit codes: 0 equal, 1 different, 2 bad "
+                                      "usage or input"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("-U", "--context", type=int, default=3, help="lines of context (default 3)")
     p.set_defaults(func=cmd_diff)
 
-    p = sub.add_parser("verify", help="check a .qir file against every IR rule (exit 1 if invalid)")
+    p = sub.add_parser("verify", help="check a .qir file against every IR rule (exit 1 if invalid)",
+                       epilog=_epilog("qir verify out/demo/tiny-w4.qir", exits="exit codes: 0 valid, 1 invalid (every "
+                                      "problem listed on stderr), 2 bad usage or unreadable file"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("ops", help="list the registered ops")
+    p = sub.add_parser("ops", help="list the registered ops", epilog=_epilog("qir ops", "qir ops | grep ^q"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=cmd_ops)
 
-    p = sub.add_parser("demo", help="build, quantize, save, reload and run a small model; print a report")
+    p = sub.add_parser("demo", help="build, quantize, save, reload and run a small model; print a report",
+                       epilog=_epilog("qir demo -o out/demo"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-o", "--out", default="out/demo", help="folder for the demo's files (default out/demo)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
@@ -286,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                     ".pt2 or .onnx file) into qir. Causal LMs get two functions, prefill and decode (static KV "
                     "cache of --max-seq slots); encoders one, main (sentence embeddings). With -o X.qir it writes "
                     "X.qir, X.safetensors (weights) and X.json, a sidecar recording the source model and its kind, "
-                    "which 'qir eval X.qir' reads to find the tokenizer and the float model.")
+                    "which 'qir eval X.qir' reads to find the tokenizer and the float model.",
+        epilog=_epilog("qir import smollm2-135m -o out/smol.qir", "qir import minilm-l6 -o out/minilm.qir",
+                       "qir import path/to/model.gguf --max-seq 256 -o out/m.qir"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", help="write the module to this .qir file (and its .safetensors and .json)")
     p.add_argument("--max-seq", type=int, default=None,
@@ -296,15 +353,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "Q6_K) losslessly instead of dequantizing to float; other quantized types are refused")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("generate", help="greedy generation with a causal LM (prefill + decode graphs)",
-                       description="Generate from MODEL (a zoo name, a model path, or a .qir written by 'qir "
-                                   "import' or 'qir quantize') through its qir prefill/decode functions on the "
-                                   "reference interpreter. The chat template is applied unless --raw.",
-                       epilog='example:\n  qir generate smollm2-135m --prompt "What is the capital of France?"',
+    p = sub.add_parser("generate", help="generate text with a compiled artifact folder or a causal LM",
+                       description="Generate from OUTDIR (a folder written by qir compile: prefill/decode run on its "
+                                   "runtime) or from MODEL (a zoo name, a model path, or a .qir written by 'qir "
+                                   "import' or 'qir quantize': its qir prefill/decode functions run on the "
+                                   "reference interpreter). Tokens stream to stdout; prompt tokens, prefill time "
+                                   "and decode tokens/s go to stderr at the end. The chat template is applied when "
+                                   "the tokenizer has one, unless --raw. Greedy unless --temperature > 0.",
+                       epilog='examples:\n  qir generate out/smollm2-135m-ort-cpu-w8a16 --prompt "What is the '
+                              'capital of France?"\n  qir generate out/smollm2-135m-ort-cpu-w8a16 --prompt "Tell a '
+                              'story" --max-new-tokens 64 --temperature 0.7 --seed 1\n'
+                              '  qir generate smollm2-135m --prompt "What is the capital of France?"   # interpreter'
+                              "\n\nexit codes: 0 ok, 2 bad usage or input",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL_OR_QIR")
+    p.add_argument("model", metavar="OUTDIR_OR_MODEL")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (same seed, same text)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("-q", "--quiet", action="store_true", help="print the text at the end instead of streaming")
     p.add_argument("--max-seq", type=int, default=None, help="decode cache slots when MODEL is traced here")
@@ -317,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "FILE in windows of --window tokens (the first --windows of them) -> ppl, tokens, bytes. "
                     "Encoders: cosine similarity of the qir embeddings against the float model's on a built-in "
                     "set of 16 sentences, or the lines of --text -> cosine_mean, cosine_min, bytes. bytes is the "
-                    "stored size of all weights and quantization parameters.")
+                    "stored size of all weights and quantization parameters. An artifact folder from qir compile "
+                    "runs on its runtime with the same metric and keys.",
+        epilog=_epilog("qir eval out/smol.qir --text /usr/share/common-licenses/GPL-3 --json",
+                       "qir eval out/smollm2-135m-ort-cpu-w8a16 --text /usr/share/common-licenses/GPL-3 --windows 2",
+                       "qir eval out/minilm.qir --json"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_QIR")
     p.add_argument("--text", help="text file: perplexity text (causal LM) or one sentence per line (encoder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -328,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_compile_parser(sub)
     add_debug_parser(sub)
+    add_run_parsers(sub)
     return parser
 
 
@@ -338,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_ERROR
     func: Callable[[argparse.Namespace], int] = args.func
+    from qir.tools.progress import set_quiet
+
+    set_quiet(bool(getattr(args, "quiet", False)))
     try:
         with terminate_raises():  # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed
             return func(args)
@@ -345,6 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"qir {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a file or folder the user named cannot be read or written: their input, not a bug
+        if args.debug:
+            raise
+        print(f"qir {args.command}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("qir: interrupted", file=sys.stderr)

@@ -164,12 +164,18 @@ def import_causal_lm(loaded: LoadedModel | Any, *, max_seq: int = DEFAULT_MAX_SE
 
     hf = getattr(loaded, "module", loaded)
     name = name or getattr(loaded, "name", None) or "causal_lm"
-    ex = export_causal_lm(hf, max_seq=max_seq)
+    from qir.tools.progress import Progress
+
+    with Progress(f"trace {name} (torch.export prefill + decode)"):
+        ex = export_causal_lm(hf, max_seq=max_seq)
     outs = ["logits", *cache_output_names(ex.num_layers)]
-    module = from_exported_program(ex.prefill, function="prefill", input_names=["tokens"], output_names=outs,
-                                   name=name)
-    from_exported_program(ex.decode, module=module, function="decode",
-                          input_names=["token", "position", *cache_input_names(ex.num_layers)], output_names=outs)
+    with Progress(f"convert {name} to qir", total=2) as bar:
+        module = from_exported_program(ex.prefill, function="prefill", input_names=["tokens"], output_names=outs,
+                                       name=name)
+        bar.update()
+        from_exported_program(ex.decode, module=module, function="decode",
+                              input_names=["token", "position", *cache_input_names(ex.num_layers)], output_names=outs)
+        bar.update()
     return module
 
 

