@@ -978,12 +978,29 @@ class _Lowerer:
             return y
         return self.node("Add", [y, self.offset_term(xn, x.type.rank, w, off, h)], out, hint=h)
 
-    def nbits_fits(self, w: Value) -> bool:
-        """Whether a weight-only qmatmul on ``w`` lowers to MatMulNBits (4- or 8-bit, blocks of 2**j >= 16)."""
+    def nbits_group(self, w: Value) -> int | None:
+        """The MatMulNBits block size for a weight-only qmatmul on ``w``, or None when it does not lower so.
+
+        4- or 8-bit groups of ``2**j >= 16`` along K are blocks as they are. An 8-bit weight per output row (or
+        per tensor) becomes blocks too, the largest power of two <= 256 that divides K, each block repeating its
+        row's scale: the same values, but MatMulNBits reads the int8 bytes in its GEMV/GEMM instead of a
+        ``DequantizeLinear`` expanding every weight to f32 at each run (which made w8a16 decode ~5x slower).
+        """
         spec = w.type.quant
-        g = None if spec is None else spec.group_size
-        return (self.opts.int4 == "nbits" and self.opts.contrib_ops and w.type.dtype.bits in (4, 8)
-                and spec is not None and spec.axis == 1 and g is not None and g >= 16 and g & (g - 1) == 0)
+        if not (self.opts.int4 == "nbits" and self.opts.contrib_ops and spec is not None
+                and w.type.dtype.bits in (4, 8)):
+            return None
+        g = spec.group_size
+        if spec.axis == 1 and g is not None:
+            return g if g >= 16 and g & (g - 1) == 0 else None
+        if w.type.dtype.bits == 8 and g is None and spec.axis in (0, None) and spec.offset is None:
+            k = int(w.type.shape[1])
+            return next((b for b in (256, 128, 64, 32, 16) if k % b == 0), None)
+        return None
+
+    def nbits_fits(self, w: Value) -> bool:
+        """Whether a weight-only qmatmul on ``w`` lowers to MatMulNBits (see :meth:`nbits_group`)."""
+        return self.nbits_group(w) is not None
 
     def offset_term(self, xn: str, rank: int, w: Value, off: np.ndarray, h: str) -> str:
         """``x @ offset_full.T`` for a weight ``x~ = scale*q + offset`` (GGUF minimums) without expanding it.
@@ -1031,13 +1048,17 @@ class _Lowerer:
             return self.nbits[w.name]
         t = w.type
         spec = t.quant
-        assert spec is not None and spec.group_size is not None
+        g = self.nbits_group(w)
+        assert spec is not None and g is not None
         bits = t.dtype.bits
         n, k = (int(d) for d in t.shape)
-        g = spec.group_size
         nb = -(-k // g)
         codes = np.asarray(self.module.constant(w.name).numpy()).astype(np.int16)
         scale, zp = self.params(t, w.name)
+        if spec.group_size is None:  # per row / per tensor: every block of a row repeats the row's parameters
+            scale = np.ascontiguousarray(np.broadcast_to(np.asarray(scale).reshape(-1, 1), (n, nb)))
+            if zp is not None:
+                zp = np.ascontiguousarray(np.broadcast_to(np.asarray(zp).reshape(-1, 1), (n, nb)))
         mid = 1 << (bits - 1)
         if t.dtype.is_signed:
             u = codes + mid
@@ -1263,8 +1284,8 @@ class _Lowerer:
 
     def shares_nbits(self, table: Value) -> bool:
         """A tied 8-bit per-group table whose head lowers to MatMulNBits: gather from the same bytes."""
-        if table.type.dtype.bits != 8 or not self.nbits_fits(table) or int(table.type.shape[1]) % (
-                table.type.quant.group_size or 1):
+        g = self.nbits_group(table)
+        if table.type.dtype.bits != 8 or g is None or int(table.type.shape[1]) % g:
             return False
         return any(op.opcode == "qmatmul" and i == 1 and op.parent is self.func and op.operands[0].type.quant is None
                    and op.result.name not in self.opts.fallback_float for op, i in table.uses)
@@ -1274,10 +1295,10 @@ class _Lowerer:
         table, ids = op.operands
         t = table.type
         spec = t.quant
-        assert spec is not None and spec.group_size is not None
+        assert spec is not None
         blob = self.nbits_blob(table)
         d = int(t.shape[1])
-        nb = d // spec.group_size
+        nb = d // blob.group
         r = ids.type.rank
         idn = self.val(ids)
         c = self.node("Cast", [self.node("Gather", [blob.codes, idn], hint=h, axis=0)], hint=h, to=TensorProto.INT32)
