@@ -187,12 +187,12 @@ class _FunctionLowering:
                 data = qops.pack_rows(codes, lay.bits) if lay.packed else codes.astype(tvm_dtype(t.dtype))
             else:
                 data = np.asarray(value)
-                if data.dtype == np.bool_:
-                    data = data.astype(np.bool_)
+                if t.dtype.is_subbyte:  # a plain int4/int2 constant (a zero point): one value per byte
+                    data = data.astype(np.int8 if t.dtype.kind == "int" else np.uint8)
             shape = list(data.shape)
             is_scalarish = data.size <= INLINE_LIMIT and t.quant is None
             if is_scalarish:
-                self.const_vars[name] = relax.const(np.ascontiguousarray(data), tvm_dtype(t.dtype))
+                self.const_vars[name] = relax.const(np.ascontiguousarray(data), str(data.dtype))
                 continue
             pname = _sanitize(name)
             if pname in self.params and self.params[pname] is not data:
@@ -684,8 +684,11 @@ class _FunctionLowering:
         dim = table.type.shape[1]
         dt = tvm_dtype(op.result.type.dtype)
         args = [table.codes, table.scale, ids] + ([table.zp] if table.zp is not None else [])
-        return [self.emit_te(lambda tab, s, ids_te, *z: qops.qembedding_te(tab, s, z[0] if z else None, table.lay, ids_te, dim, dt),
-                             args, "qembedding", op.result)]
+
+        def fn(tab: Any, s: Any, ids_te: Any, *z: Any) -> Any:
+            return qops.qembedding_te(tab, s, z[0] if z else None, table.lay, ids_te, dim, dt)
+
+        return [self.emit_te(fn, args, "qembedding", op.result)]
 
     def op_qmatmul(self, op: Op) -> list[Any]:
         x = self.get(op.operands[0])
@@ -858,9 +861,8 @@ def _index_copy_primfunc(rank: int, axis: int, dtype: str, idx_dtype: str) -> An
     xi = ", ".join(f"T.Cast('int64', I[{vs[axis]}]) + T.Select(T.Cast('int64', I[{vs[axis]}]) < T.int64(0), "
                    f"d{axis}, T.int64(0))" if a == axis else vs[a] for a in range(rank))
     src = f"""
-from tvm.script import tirx as T
 
-@T.prim_func(private=True)
+@T.prim_func(private=True, s_tir=True)
 def index_copy(x: T.handle, idx: T.handle, src: T.handle):
     {", ".join(dims + ["n"])} = {", ".join(["T.int64()"] * (rank + 1))}
     X = T.match_buffer(x, ({", ".join(dims)},), "{dtype}")
