@@ -7,12 +7,17 @@ per module-scoped fixture. ``tvm-arm`` and ``tvm-cuda`` are compile-only here (n
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import qir
 from qir import quant
-from qir.backends.compile import CompileError
+from qir.backends.compile import CompileError, compile_module, load_artifact
 from qir.backends.target import load_target
 from qir.interpreter import run
 from qir.quantspec import QuantSpec
@@ -20,7 +25,13 @@ from qir.types import TensorType
 
 tvm = pytest.importorskip("tvm")
 
-from qir.backends.tvm.compile import build  # noqa: E402 - after the importorskip
+from qir.backends.tvm.compile import build, compile_tvm  # noqa: E402 - after the importorskip
+
+
+def _compile(m: qir.Module, out: Path) -> None:
+    """The artifact path of ``qir compile --target tvm-llvm`` with the lowering's own TE kernels (the scheduled
+    kernels of ``qir.backends.tvm.kernels`` have their own tests in ``tests/test_tvm_kernels.py``)."""
+    compile_tvm(m, load_target("tvm-llvm"), out, use_kernels=False)
 
 
 def _weight(m: qir.Module, name: str, w: np.ndarray, dt: str, **kw: object) -> qir.graph.Value:
@@ -147,7 +158,8 @@ def test_attention_gqa_causal_mask_and_inplace_cache_update() -> None:
     a = f.add_op("attention", [q, kv, kv, mask], names=["a"]).result
     c = f.add_op("attention", [q, new, new], {"causal": True}, names=["c"]).result
     f.set_outputs([a, c, kv])
-    feeds = [rng.standard_normal((1, 4, 3, 8)).astype(np.float32), rng.standard_normal((1, 2, 16, 8)).astype(np.float32),
+    feeds = [rng.standard_normal((1, 4, 3, 8)).astype(np.float32),
+             rng.standard_normal((1, 2, 16, 8)).astype(np.float32),
              np.array([5, 6, 7], np.int64), rng.standard_normal((1, 2, 3, 8)).astype(np.float32),
              np.zeros((1, 1, 3, 16), bool)]
     feeds[4][0, 0, 0, :6] = True
@@ -174,3 +186,98 @@ def test_unsupported_op_is_refused_by_name() -> None:
             build(m, load_target("tvm-llvm"))
     finally:
         unregister_op("frobnicate")
+
+
+# -- cross targets: compile only ------------------------------------------------------------------------------
+def _w8a8_module() -> qir.Module:
+    return _mlp(QuantSpec.dynamic_spec(axis=2, group_size=64), axis=0, k=64, n=64)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="the aarch64 cross compiler is not installed (apt-get install gcc-aarch64-linux-gnu "
+                           "binutils-aarch64-linux-gnu)")
+def test_tvm_arm_exports_an_aarch64_library_with_dot_product_int8(tmp_path: Path) -> None:
+    res = compile_module(_w8a8_module(), "tvm-arm", tmp_path / "arm")
+    lib = tmp_path / "arm" / "model.so"
+    head = lib.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    assert json.loads((tmp_path / "arm" / "target.json").read_text())["runtime"] == "tvm"
+    assert res.report["kernels"].get("qmatmul_i8", 0) == 1, res.report["kernels"]
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is not None:
+        asm = subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+        assert "sdot" in asm or "udot" in asm
+    with pytest.raises(CompileError, match="cross-compiled"):
+        load_artifact(tmp_path / "arm").run([_x()])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_tvm_cuda_generates_and_compiles_cuda_code(tmp_path: Path) -> None:
+    res = compile_module(_w8a8_module(), "tvm-cuda", tmp_path / "cuda")
+    assert res.report["tvm_target"] == "cuda" and (tmp_path / "cuda" / "model.so").stat().st_size > 0
+    art = load_artifact(tmp_path / "cuda")
+    if not tvm.cuda(0).exist:
+        pytest.skip("CUDA code compiled with nvcc; running it needs a GPU and none is present")
+    xs = _x()
+    ref = run(_w8a8_module(), [xs])
+    for o, r in zip(art.run([xs]), ref):
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
+
+
+# -- real models ----------------------------------------------------------------------------------------------
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> qir.Module:
+    from qir.frontend.importer import import_model
+
+    return import_model("minilm-l6").module
+
+
+@pytest.mark.slow
+def test_minilm_float_and_w8a8_artifacts_match_interpreter(minilm: qir.Module, tmp_path: Path) -> None:
+    from qir.passes import PassManager, parse_pipeline
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 30000, (2, 12)).astype(np.int64)
+    mask = np.ones((2, 12), np.int64)
+    mask[1, 8:] = 0
+    (ref,) = run(minilm, [ids, mask])
+    _compile(minilm, tmp_path / "f32")
+    (o,) = load_artifact(tmp_path / "f32").run([ids, mask])
+    np.testing.assert_allclose(o, ref, rtol=1e-4, atol=1e-5)
+    q = PassManager(parse_pipeline("quantize{scheme=w8a8}")).run(minilm.clone())
+    _compile(q, tmp_path / "w8a8")
+    report = json.loads((tmp_path / "w8a8" / "report.json").read_text())
+    assert report["params_bytes"] < 25_000_000  # int8 weights and embeddings, not f32 copies
+    (o8,) = load_artifact(tmp_path / "w8a8").run([ids, mask])
+    (r8,) = run(q, [ids, mask])
+    # Per-token codes flip where upstream floats differ in the last bit, so TVM's w8a8 result is another draw of
+    # the same quantization noise: as close to the float model as the interpreter's (the op tests are exact).
+    assert _cos(o8, ref).min() > _cos(r8, ref).min() - 0.003
+    assert _cos(o8, r8).min() > 0.99
+
+
+@pytest.mark.slow
+def test_smollm2_prefill_and_in_place_decode_match_interpreter() -> None:
+    from qir.frontend.importer import import_model
+
+    m = import_model("smollm2-135m", max_seq=16).module
+    built = build(m, load_target("tvm-llvm"), use_kernels=False)
+    toks = np.array([[1, 504, 3458, 282, 2]], np.int64)
+    refs = run(m, [toks], function="prefill")
+    outs = built.run([toks], function="prefill")
+    np.testing.assert_allclose(outs[0], refs[0], rtol=1e-3, atol=1e-3 * float(np.abs(refs[0]).max()))
+    for o, r in zip(outs[1:], refs[1:]):  # the caches
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+    rng = np.random.default_rng(1)
+    dec = m.function("decode")
+    feeds = [np.array([[42]], np.int64), np.array([3], np.int64)]
+    feeds += [rng.standard_normal((1, 3, 16, 64)).astype(np.float32) for _ in dec.inputs[2:]]
+    refs = run(m, feeds, function="decode")
+    outs = built.run(feeds, function="decode")
+    assert len(built.lowered.inplace["decode"]) == len(dec.inputs) - 2  # every cache is written in place
+    for o, r in zip(outs, refs):
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
