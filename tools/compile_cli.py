@@ -79,6 +79,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 0
     print(f"compiled @{rep['module']} for {rep['target']} -> {result.out_dir} ({rep['bytes']:,} bytes)")
     for fname, info in rep["functions"].items():
+        if "onnx_ops" not in info:  # a TVM artifact: one library for every function
+            print(f"  @{fname}: {info['file']}; inputs {', '.join(info['inputs'])}; matmuls: {rep.get('kernels')}")
+            continue
         ops = ", ".join(f"{k} {v}" for k, v in list(info["onnx_ops"].items())[:8])
         print(f"  @{fname}: {info['file']} {info['bytes']:,} bytes; ONNX ops: {ops}, ...")
     for fb in rep["fallbacks"]:
@@ -104,7 +107,7 @@ def add_compile_parser(sub: Any) -> argparse.ArgumentParser:
                "--bind batch=1,seq=128 -o out/minilm-npu\n  qir compile --preset npu-int8 --show-pipeline",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", nargs="?")
-    p.add_argument("--target", default="ort-cpu", help="ort-cpu (default) or ort-ascend")
+    p.add_argument("--target", default="ort-cpu", help="ort-cpu (default), ort-ascend, tvm-llvm, tvm-arm or tvm-cuda")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named pipeline (see --show-pipeline)")
     p.add_argument("-o", "--output", metavar="OUTDIR")
     p.add_argument("--show-pipeline", action="store_true", help="print the pipeline and exit")

@@ -139,10 +139,17 @@ def _dims(t: Any) -> list[int | str]:
 
 
 def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str], *,
-                meta: dict[str, Any] | None = None, arch: str | None = None, use_kernels: bool = True) -> Any:
-    """Build ``module`` for the TVM ``target`` and write the artifact folder ``out_dir`` atomically."""
+                meta: dict[str, Any] | None = None, arch: str | None = None, use_kernels: bool | None = None) -> Any:
+    """Build ``module`` for the TVM ``target`` and write the artifact folder ``out_dir`` atomically.
+
+    ``use_kernels``: use the scheduled kernels of ``qir.backends.tvm.kernels``; ``None`` takes the target file's
+    ``"tvm": {"kernels": ...}`` (default true).
+    """
     from qir.backends.compile import CompileResult
     from qir.serialize import stored_bytes
+
+    if use_kernels is None:
+        use_kernels = bool(target.tvm_options().get("kernels", True))
 
     built = build(module, target, use_kernels=use_kernels, arch=arch)
     cc = target.tvm_options().get("cc")
