@@ -158,7 +158,11 @@ class QuantLowering:
             y = self._kernel_qmatmul_i8(op, x, w, b, n, k)
             if y is None:
                 self.kernel_counts["te:qmatmul"] = self.kernel_counts.get("te:qmatmul", 0) + 1
-                args = [x.codes, x.scale, w.codes, w.scale]
+                # 8-bit weights are read transposed ([K, N], one transpose per call) so the output features
+                # form the contiguous inner loop the generic CPU schedule vectorizes.
+                w_kn = not w.lay.packed
+                wcodes = self.bb.emit(self.relax.op.permute_dims(w.codes, [1, 0])) if w_kn else w.codes
+                args = [x.codes, x.scale, wcodes, w.scale]
                 extra = [e for e in (x.zp, w.zp, b) if e is not None]
                 xz, wz, hb = x.zp is not None, w.zp is not None, b is not None
 
@@ -167,7 +171,7 @@ class QuantLowering:
                     zx = next(it) if xz else None
                     zw = next(it) if wz else None
                     bias = next(it) if hb else None
-                    return qops.qmatmul_int_te(XQ, SX, zx, x.lay, WQ, SW, zw, w.lay, n, k, bias)
+                    return qops.qmatmul_int_te(XQ, SX, zx, x.lay, WQ, SW, zw, w.lay, n, k, bias, w_kn=w_kn)
 
                 y = self.emit_te(fn, args + extra, "qmatmul", None if out_dt != "float32" else op.result)
         else:

@@ -164,8 +164,12 @@ def dyn_zp_te(lo: Any, scale: Any, qmin: int, qmax: int) -> Any:
 
 
 def qmatmul_int_te(xq: Any, sx: Any, zx: Any | None, xlay: QLayout, wq: Any, sw: Any, zw: Any | None,
-                   wlay: QLayout, n: int, k: int, bias: Any | None) -> Any:
-    """The integer path of ``qmatmul``: ``x [..., K]`` codes, ``w [N, K]`` codes -> f32 ``[..., N]``."""
+                   wlay: QLayout, n: int, k: int, bias: Any | None, *, w_kn: bool = False) -> Any:
+    """The integer path of ``qmatmul``: ``x [..., K]`` codes, ``w [N, K]`` codes -> f32 ``[..., N]``.
+
+    ``w_kn``: the (8-bit) weight codes come transposed, ``[K, N]``, so the output feature is the innermost,
+    contiguous loop (what the generic CPU schedule vectorizes). The accumulator is ``[..., groups, N]``.
+    """
     from tvm import te
     from tvm import tirx as tir
 
@@ -178,20 +182,20 @@ def qmatmul_int_te(xq: Any, sx: Any, zx: Any | None, xlay: QLayout, wq: Any, sw:
         return param_index(xlay, tuple(idx) + (0,))
 
     def acc_f(*idx: Any) -> Any:
-        *rows, j, g = idx
+        *rows, g, j = idx
         r = te.reduce_axis((0, gsize), name="k")
         kk = g * gsize + r
         xv = code_at(xq, xlay, tuple(rows) + (kk,))
         if zx is not None:
             xv = xv - _i32(zx[xrow(rows)])
-        wv = code_at(wq, wlay, (j, kk))
+        wv = _i32(wq[kk, j]) if w_kn else code_at(wq, wlay, (j, kk))
         if zw is not None:
             wv = wv - _i32(zw[param_index(wlay, (j, kk))])
         if ngroups * gsize != k:  # a short last group
             return te.sum(tir.if_then_else(kk < k, xv * wv, 0), axis=r)
         return te.sum(xv * wv, axis=r)
 
-    acc = te.compute(lead + (n, ngroups), acc_f, name="qacc")
+    acc = te.compute(lead + (ngroups, n), acc_f, name="qacc")
 
     def y_f(*idx: Any) -> Any:
         *rows, j = idx
@@ -199,7 +203,7 @@ def qmatmul_int_te(xq: Any, sx: Any, zx: Any | None, xlay: QLayout, wq: Any, sw:
 
         def term(g: Any) -> Any:
             s_w = sw[param_index(wlay, (j, g * gsize))]
-            return acc[tuple(rows) + (j, g)].astype("float32") * (s_x * s_w)
+            return acc[tuple(rows) + (g, j)].astype("float32") * (s_x * s_w)
 
         if ngroups == 1:
             y = term(0)
