@@ -10,6 +10,8 @@ GEMV (static ``M == 1``): memory bound; parallel over N, each output a vectorize
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
 from tvm import s_tir, te, tirx
 
@@ -21,31 +23,38 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def packed_gemm(A: te.Tensor, M: Dim, N: int, K: int, b_value: Callable[[tirx.Var, tirx.Var], tirx.PrimExpr],
+                bias_t: te.Tensor | None, nr: int) -> te.Tensor:
+    """TE for ``Y[m, n] = sum_k A[m, k] * b(n, k) (+ bias[n])`` through panels ``B_pack[N/nr, K, nr]``.
+
+    ``b_value(n, k)`` is the f32 weight element (a load, or a dequantization): it is evaluated once
+    per element into the panels, padded with 0 past ``N``.
+    """
+    no = _ceil_div(N, nr)
+
+    def b_at(o: tirx.Var, k: tirx.Var, i: tirx.Var) -> tirx.PrimExpr:
+        n = o * nr + i
+        if no * nr == N:
+            return b_value(n, k)
+        return tirx.if_then_else(n < N, b_value(tirx.min(n, N - 1), k), tirx.const(0.0, "float32"))
+
+    Bp = te.compute((no, K, nr), b_at, name="B_pack")
+    k = te.reduce_axis((0, K), name="k")
+    C = te.compute((M, N), lambda m, n: te.sum(A[m, k] * Bp[n // nr, k, n % nr], axis=k), name="C")
+    if bias_t is not None:
+        return te.compute((M, N), lambda m, n: C[m, n] + bias_t[n], name="Y")
+    # A copy epilogue all the same: it is the write-back of the register tile.
+    return te.compute((M, N), lambda m, n: C[m, n], name="Y")
+
+
 def gemm_compute(M: Dim, N: int, K: int, b_layout: str, bias: bool, nr: int
                  ) -> tuple[list[te.Tensor], te.Tensor]:
     """TE for ``Y = A @ B(.T) (+bias)`` through a packed B; returns (params, Y)."""
     A = te.placeholder((M, K), "float32", name="A")
     B = te.placeholder((N, K) if b_layout == "NK" else (K, N), "float32", name="B")
-    no = _ceil_div(N, nr)
-
-    def b_at(n: tirx.Var, k: tirx.Var) -> tirx.Var:
-        val = B[n, k] if b_layout == "NK" else B[k, n]
-        if no * nr == N:
-            return val
-        return tirx.if_then_else(n < N, val, tirx.const(0.0, "float32"))
-
-    Bp = te.compute((no, K, nr), lambda o, k, i: b_at(o * nr + i, k), name="B_pack")
-    k = te.reduce_axis((0, K), name="k")
-    C = te.compute((M, N), lambda m, n: te.sum(A[m, k] * Bp[n // nr, k, n % nr], axis=k), name="C")
-    params = [A, B]
-    if bias:
-        bias_t = te.placeholder((N,), "float32", name="bias")
-        Y = te.compute((M, N), lambda m, n: C[m, n] + bias_t[n], name="Y")
-        params.append(bias_t)
-    else:
-        # A copy epilogue all the same: it is the write-back of the register tile.
-        Y = te.compute((M, N), lambda m, n: C[m, n], name="Y")
-    return params, Y
+    bias_t = te.placeholder((N,), "float32", name="bias") if bias else None
+    Y = packed_gemm(A, M, N, K, lambda n, k: B[n, k] if b_layout == "NK" else B[k, n], bias_t, nr)
+    return [A, B] + ([bias_t] if bias_t is not None else []), Y
 
 
 def schedule_gemm(sch: s_tir.Schedule, feat: CpuFeatures, block: str, mr: int, nr: int, kc: int,
