@@ -117,14 +117,29 @@ class GenericCPU(_rule_base()):  # type: ignore[misc]
         return int(ext.value) if isinstance(ext, tirx.IntImm) else None
 
 
+class Guarded(_rule_base()):  # type: ignore[misc]
+    """A DLight rule whose analysis failures (DLight asserts on shapes it does not expect) mean "no match"."""
+
+    def __init__(self, rule: Any) -> None:
+        self.rule = rule
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception:  # noqa: BLE001 - e.g. dlight.analysis.gemv's `assert r_loops`; the next rule tries
+            return None
+
+
 def schedule_passes(target: Any) -> list[Any]:
     """The scheduling passes for ``target`` (a ``tvm.target.Target``)."""
     from tvm.s_tir import dlight as dl
 
     if target.kind.name == "cuda":
-        return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.RMSNorm(),
-                                        dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
-    return [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), GenericCPU())]
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.RMSNorm(), dl.gpu.Reduction(),
+                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    else:
+        rules = [dl.cpu.GEMV(), dl.cpu.Reduction(), GenericCPU()]
+    return [dl.ApplyDefaultSchedule(*[Guarded(r) for r in rules])]
 
 
 def pipeline(target: Any) -> Any:
