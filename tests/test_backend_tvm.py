@@ -304,3 +304,18 @@ def test_smollm2_prefill_and_in_place_decode_match_interpreter() -> None:
     assert len(built.lowered.inplace["decode"]) == len(dec.inputs) - 2  # every cache is written in place
     for o, r in zip(outs, refs):
         np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4 * float(np.abs(r).max()))
+
+
+def test_outlier_split_static_w8a8_matches_interpreter() -> None:
+    """LLM.int8-style split: f16 outlier columns (gather + matmul) beside static-int8 qmatmuls on the rest."""
+    from test_outlier_split import planted_feeds, planted_model
+
+    from qir.passes import PassContext, run_pipeline
+
+    ctx = PassContext(calibration=planted_feeds(4, seed=1))
+    m = run_pipeline(planted_model(), "calibrate,outlier-split,quantize{scheme=w8a8,act=static},dce", context=ctx)
+    assert m.main.find_ops("qmatmul") and any(c.type.dtype.name == "f16" for c in m.constants.values())
+    x = planted_feeds(1, seed=9)[0]["x"]
+    refs = run(m, [x])
+    for o, r in zip(_tvm_run(m, [x]), refs):
+        np.testing.assert_allclose(o, r, rtol=2e-3, atol=2e-3 * float(np.abs(r).max()))
