@@ -215,6 +215,8 @@ class QuantLowering:
 
     def _call_kernel(self, op: Op, prim: Any, name: str, args: list[Any], m: Any, n: int, lead_type: TensorType
                      ) -> Any:
+        if "global_symbol" in (prim.attrs or {}):
+            prim = prim.without_attr("global_symbol")  # a private helper of this module, named by add_func
         gv = self.bb.add_func(prim, name)
         y2 = self.bb.emit(self.relax.call_tir(gv, args, self.relax.TensorType([m, n], "float32")))
         out_shape = self.shape(lead_type.shape[:-1]) + [self.tir.IntImm("int64", n)]
