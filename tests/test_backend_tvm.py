@@ -17,7 +17,7 @@ import pytest
 
 import qir
 from qir import quant
-from qir.backends.compile import CompileError, load_artifact
+from qir.backends.compile import CompileError, compile_module, load_artifact
 from qir.backends.target import load_target
 from qir.interpreter import run
 from qir.quantspec import QuantSpec
@@ -275,9 +275,9 @@ def test_minilm_float_and_w8a8_artifacts_match_interpreter(minilm: qir.Module, t
     (o,) = load_artifact(tmp_path / "f32").run([ids, mask])
     np.testing.assert_allclose(o, ref, rtol=1e-4, atol=1e-5)
     q = PassManager(parse_pipeline("quantize{scheme=w8a8}")).run(minilm.clone())
-    _compile(q, tmp_path / "w8a8")
-    report = json.loads((tmp_path / "w8a8" / "report.json").read_text())
-    assert report["params_bytes"] < 25_000_000  # int8 weights and embeddings, not f32 copies
+    res = compile_module(q, "tvm-llvm", tmp_path / "w8a8")  # the qir compile path: with the scheduled kernels
+    assert res.report["params_bytes"] < 25_000_000  # int8 weights and embeddings, not f32 copies
+    assert res.report["kernels"].get("qmatmul_i8") == 36, res.report["kernels"]
     (o8,) = load_artifact(tmp_path / "w8a8").run([ids, mask])
     (r8,) = run(q, [ids, mask])
     # Per-token codes flip where upstream floats differ in the last bit, so TVM's w8a8 result is another draw of
