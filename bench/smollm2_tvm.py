@@ -6,7 +6,7 @@ stays on the device and is updated in place, as ``qir run`` would do), all with 
 the same prefill and a 1-token decode step with its own KV cache. llama.cpp's decode is measured by
 ``bench/tvm_decode_llamacpp.py`` (the kernels helper's script).
 
-    python bench/smollm2_tvm.py [--presets w8a16,w8a8,w4a16] [--repeats 3] [--tokens 16] [--kernels] [--json]
+    python bench/smollm2_tvm.py [--presets w8a16,w8a8,w4a16] [--repeats 3] [--tokens 16] [--no-kernels] [--json]
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def main() -> int:
     ap.add_argument("--presets", default="w8a16,w8a8,w4a16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=16, help="decode steps to time")
-    ap.add_argument("--kernels", action="store_true", help="use qir.backends.tvm.kernels (scheduled matmuls)")
+    ap.add_argument("--no-kernels", action="store_true",
+                    help="the lowering's own TE matmuls instead of qir.backends.tvm.kernels")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -108,7 +109,7 @@ def main() -> int:
     tokens = np.random.default_rng(0).integers(0, 49152, (1, PREFILL)).astype(np.int64)
     rows = [_torch_row(tokens, args.repeats, args.tokens)]
     for preset in ["float"] + [p for p in args.presets.split(",") if p]:
-        rows.append(_tvm_row(preset, work, tokens, args.repeats, args.tokens, args.kernels))
+        rows.append(_tvm_row(preset, work, tokens, args.repeats, args.tokens, not args.no_kernels))
     base = rows[0]
     for r in rows:
         r["prefill_vs_torch"] = round(r["prefill_s"] / base["prefill_s"], 2)
