@@ -131,12 +131,15 @@ def schedule_gemv_rows(sch: s_tir.Schedule, block: str, feat: CpuFeatures, rows:
     """
     lanes = feat.f32_lanes
     c = sch.get_sblock(block)
-    _, _, k = sch.get_loops(c)
+    loops = sch.get_loops(c)
+    k, inner = loops[2], loops[3:]  # inner: an optional small reduction (int4: the two nibbles of a byte)
     _, ki = sch.split(k, [None, lanes])
     rf = sch.rfactor(ki, 2)  # partial sums in a buffer [1, N, lanes]: lanes innermost
-    m, n, ko, ki = sch.get_loops(rf)
+    m, n, ko, ki, *inner = sch.get_loops(rf)
     no, ni = sch.split(n, [None, rows])
-    sch.reorder(no, m, ko, ni, ki)
+    sch.reorder(no, m, ko, ni, *inner, ki)
+    for loop in inner:
+        sch.unroll(loop)
     sch.parallel(no)
     sch.reverse_compute_at(c, no)
     sch.set_scope(rf, 0, "local")

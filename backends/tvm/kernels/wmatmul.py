@@ -68,8 +68,16 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
         return q.astype("float32") * scale[idx]
 
     if is_static_one(M):
-        kr = te.reduce_axis((0, K), name="k")
-        C = te.compute((1, N), lambda m, n: te.sum(X[m, kr] * deq(n, kr), axis=kr), name="C")
+        if bits == 4:
+            # Reduce over (byte, nibble) so each vector lane owns one byte and the shifts are constants
+            # (a lane-varying ``(k % 2) * 4`` shift does not vectorize well).
+            kb = te.reduce_axis((0, K // 2), name="kb")
+            j = te.reduce_axis((0, 2), name="j")
+            C = te.compute((1, N), lambda m, n: te.sum(X[m, kb * 2 + j] * deq(n, kb * 2 + j), axis=[kb, j]),
+                           name="C")
+        else:
+            kr = te.reduce_axis((0, K), name="k")
+            C = te.compute((1, N), lambda m, n: te.sum(X[m, kr] * deq(n, kr), axis=kr), name="C")
         if bias_t is not None:
             Y = te.compute((1, N), lambda m, n: C[m, n] + bias_t[n], name="Y")
         else:
