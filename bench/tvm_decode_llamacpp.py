@@ -9,7 +9,7 @@ are the Q4_1 ones re-encoded, which changes accuracy, not speed). Decode: contex
 prompt is evaluated, then ``--tokens`` single-token steps are timed (llama.cpp's work per step does not depend on
 the token id; it grows with the position, so the steps cover positions 64..64+tokens).
 
-    nice -n 10 python bench/tvm_decode_llamacpp.py [--tokens 128] [--json]
+    nice -n 10 python bench/tvm_decode_llamacpp.py [--tokens 128] [--threads 2] [--json]
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ def quantized(src: Path, name: str, out_dir: Path) -> Path:
     return out
 
 
-def decode_tokens_per_s(path: Path, tokens: int) -> dict[str, Any]:
+def decode_tokens_per_s(path: Path, tokens: int, threads: int = THREADS) -> dict[str, Any]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=N_CTX, n_threads=THREADS, n_threads_batch=THREADS, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
     prompt = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 8)[:PROMPT]
     tok = prompt[-1]
     best = None
@@ -74,19 +74,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("/tmp/qir-bench-llamacpp"))
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="decode threads (default 2; 1 is steadier on a loaded shared machine)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if PROMPT + args.tokens > N_CTX:  # reset() between passes: one pass must fit the context
         raise SystemExit(f"--tokens must be <= {N_CTX - PROMPT}")
     args.out.mkdir(parents=True, exist_ok=True)
     src = source_gguf()
-    rows = {"Q4_1 (source)": decode_tokens_per_s(src, args.tokens)}
+    rows = {"Q4_1 (source)": decode_tokens_per_s(src, args.tokens, args.threads)}
     for name in FTYPES:
-        rows[name] = decode_tokens_per_s(quantized(src, name, args.out), args.tokens)
+        rows[name] = decode_tokens_per_s(quantized(src, name, args.out), args.tokens, args.threads)
     if args.json:
-        print(json.dumps({"threads": THREADS, "n_ctx": N_CTX, "rows": rows}, indent=1))
+        print(json.dumps({"threads": args.threads, "n_ctx": N_CTX, "rows": rows}, indent=1))
         return
-    print(f"llama.cpp SmolLM2-135M decode, {THREADS} threads, n_ctx {N_CTX}, {args.tokens} steps after a "
+    print(f"llama.cpp SmolLM2-135M decode, {args.threads} threads, n_ctx {N_CTX}, {args.tokens} steps after a "
           f"{PROMPT}-token prompt")
     for name, r in rows.items():
         print(f"{name:>14}: {r['tokens_per_s']:7.1f} tok/s  {r['ms_per_token']:6.2f} ms/token  {r['size_mb']:6.1f} MB")
