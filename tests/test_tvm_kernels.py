@@ -142,3 +142,15 @@ def test_int8_kernel_cross_compiles_for_aarch64_with_neon_widening_macs() -> Non
     mnemonics = set(re.findall(r"^\s+([a-z][a-z0-9.]*)\s", asm, re.M))
     assert {"smlal", "smull"} & mnemonics, sorted(mnemonics)
     assert "ld1" in mnemonics or "ldr" in mnemonics
+
+
+def _x86_mnemonics(func: tirx.PrimFunc, target: tvm.target.Target) -> set[str]:
+    asm = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("asm")
+    return set(re.findall(r"^\s+([a-z][a-z0-9]*)\s", asm, re.M))
+
+
+def test_int8_kernel_uses_vnni_only_where_the_target_has_it() -> None:
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert "vpdpbusd" in _x86_mnemonics(qmatmul_i8(8, 64, 64, zen4), zen4)
+    zen3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})  # AVX2 only: no VNNI, no AVX-512
+    assert not {"vpdpbusd", "vpmaddubsw"} & _x86_mnemonics(qmatmul_i8(8, 64, 64, zen3), zen3)

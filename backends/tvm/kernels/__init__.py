@@ -48,11 +48,10 @@ style, as ``relax.call_tir`` expects).
     Dense float: ``A[M, K] f32``, ``B[N, K] f32`` (``b_layout="NK"``, qir ``linear``: ``A @ B.T``) or
     ``B[K, N]`` (``"KN"``, plain ``matmul``), ``bias[N] f32`` (with ``bias=True``), output ``Y[M, N] f32``.
 
-Vector widths follow the target's ``mcpu``/``mattr`` (never the build machine's): AVX-512, AVX2, NEON
-or plain SSE; see :mod:`qir.backends.tvm.kernels.cpu_features`. The int8 kernel does not use the int8
-dot-product instructions yet (VNNI ``vpdpbusd``, ARM ``sdot``): TVM's ``tensorize`` segfaults with the
-installed apache-tvm-ffi; see :mod:`qir.backends.tvm.kernels.qmatmul_i8` and
-``docs/notes/tvm-metaschedule.md``.
+Instruction selection follows the target's ``mcpu``/``mattr`` (never the build machine's; see
+:mod:`qir.backends.tvm.kernels.cpu_features`): the int8 kernel uses AVX512-VNNI ``vpdpbusd`` where the
+target has it, and an exact int32 vector path elsewhere (AVX2, SSE, NEON: no ``sdot`` yet); the float
+kernels use the target's vector width (AVX-512, AVX2, NEON, SSE).
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
 """w8a8 integer matmul with the scale epilogue fused (qir ``qmatmul`` on the integer path), for CPU.
 
+On AVX512-VNNI targets (and ``K % 4 == 0``) the work goes to the ``vpdpbusd`` micro-kernel of
+:mod:`qir.backends.tvm.kernels.qmatmul_vnni`. Everywhere else (AVX2-only x86 such as Zen 3, SSE, ARM)
 ``acc = sum_k (A - za) * W`` runs in int32 vector arithmetic (sign-extend the bytes, multiply, add):
 exact for every K qir accepts. The weight is re-laid per call into panels ``[N/nl, K/4, 4, nl]`` so
 that for each k one vector load gives ``nl`` consecutive output columns; an ``mr x (nt*nl)`` register
 tile accumulates, parallel over tiles; then ``Y = f32(acc) * (a_scale * w_scale) (+ bias)`` in f32
 as the reference orders it (LLVM may contract ``* scale + bias`` into one FMA: last-bit differences).
 
-Not (yet) on int8 dot-product instructions (VNNI ``vpdpbusd``, ARM ``sdot``): ``Schedule.tensorize``
-segfaults with apache-tvm 0.27.0.post1 + apache-tvm-ffi 0.1.15 (it deep-copies the intrinsic through
-the JSON serializer, which crashes; see docs/notes/tvm-metaschedule.md), and TVM's registered x86
-VNNI intrinsic passes ``<16 x i32>`` where the bundled LLVM's ``vpdpbusd`` takes ``<64 x i8>``. The
-way forward is a TVMScript micro-kernel calling the LLVM intrinsic directly (no tensorize); the
-panel layout here is already the one it needs along N.
+Not (yet) on ARM ``sdot`` or AVX2 ``vpmaddubsw``-free dot products: the AArch64 build gets NEON
+widening multiply-accumulates (``smull``/``smlal``). An ``sdot`` micro-kernel in the style of the VNNI
+one (``llvm.aarch64.neon.sdot.v4i32.v16i8`` on ``[N/4, K/4, 4, 4]`` tiles) is the next step;
+``Schedule.tensorize`` would be the usual way but segfaults with apache-tvm-ffi 0.1.15 (see
+docs/notes/tvm-metaschedule.md). ``vpmaddubsw`` (the AVX2/AVX-512BW route) is not exact: its int16
+pair sums saturate.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tvm import s_tir, te, tirx
 
 from qir.backends.tvm.kernels.common import Dim, check_dims, target_of
 from qir.backends.tvm.kernels.cpu_features import CpuFeatures, features_of
+from qir.backends.tvm.kernels.qmatmul_vnni import qmatmul_vnni
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ def qmatmul_i8(M: Dim, N: int, K: int, target: tvm.target.Target | str | dict, *
     feat = features_of(target_of(target))
     if feat is None:
         return None
+    if feat.vnni and K % 4 == 0:
+        return qmatmul_vnni(M, N, K, a_dtype=a_dtype, a_scale=a_scale, a_zero_point=a_zero_point, bias=bias)
     plan = _plan(feat)
     za = int(a_zero_point)
 
