@@ -49,8 +49,8 @@ style, as ``relax.call_tir`` expects).
     ``B[K, N]`` (``"KN"``, plain ``matmul``), ``bias[N] f32`` (with ``bias=True``), output ``Y[M, N] f32``.
 
 Instruction selection follows the target's ``mcpu``/``mattr`` (never the build machine's; see
-:mod:`qir.backends.tvm.kernels.cpu_features`): the int8 kernel uses AVX512-VNNI ``vpdpbusd`` where the
-target has it, and an exact int32 vector path elsewhere (AVX2, SSE, NEON: no ``sdot`` yet); the float
+:mod:`qir.backends.tvm.kernels.cpu_features`): the int8 kernel uses AVX512-VNNI ``vpdpbusd`` or AArch64
+``sdot`` where the target has them, and an exact int32 vector path elsewhere (AVX2, SSE); the float
 kernels use the target's vector width (AVX-512, AVX2, NEON, SSE).
 """
 

@@ -1,19 +1,18 @@
 """w8a8 integer matmul with the scale epilogue fused (qir ``qmatmul`` on the integer path), for CPU.
 
-On AVX512-VNNI targets (and ``K % 4 == 0``) the work goes to the ``vpdpbusd`` micro-kernel of
-:mod:`qir.backends.tvm.kernels.qmatmul_vnni`. Everywhere else (AVX2-only x86 such as Zen 3, SSE, ARM)
+On AVX512-VNNI targets and AArch64 ``+dotprod`` (and ``K % 4 == 0``) the work goes to the
+``vpdpbusd`` / ``sdot`` micro-kernel of :mod:`qir.backends.tvm.kernels.qmatmul_vnni`. Everywhere else
+(AVX2-only x86 such as Zen 3, SSE, ARM without dotprod)
 ``acc = sum_k (A - za) * W`` runs in int32 vector arithmetic (sign-extend the bytes, multiply, add):
 exact for every K qir accepts. The weight is re-laid per call into panels ``[N/nl, K/4, 4, nl]`` so
 that for each k one vector load gives ``nl`` consecutive output columns; an ``mr x (nt*nl)`` register
 tile accumulates, parallel over tiles; then ``Y = f32(acc) * (a_scale * w_scale) (+ bias)`` in f32
 as the reference orders it (LLVM may contract ``* scale + bias`` into one FMA: last-bit differences).
 
-Not (yet) on ARM ``sdot`` or AVX2 ``vpmaddubsw``-free dot products: the AArch64 build gets NEON
-widening multiply-accumulates (``smull``/``smlal``). An ``sdot`` micro-kernel in the style of the VNNI
-one (``llvm.aarch64.neon.sdot.v4i32.v16i8`` on ``[N/4, K/4, 4, 4]`` tiles) is the next step;
-``Schedule.tensorize`` would be the usual way but segfaults with apache-tvm-ffi 0.1.15 (see
-docs/notes/tvm-metaschedule.md). ``vpmaddubsw`` (the AVX2/AVX-512BW route) is not exact: its int16
-pair sums saturate.
+Why not ``Schedule.tensorize`` with TVM's registered intrinsics: it segfaults with apache-tvm-ffi
+0.1.15 (docs/notes/tvm-metaschedule.md). Why no AVX2 dot-product path: ``vpmaddubsw`` (the usual
+AVX2 route) is not exact, its int16 pair sums saturate; a ``vpmaddwd`` path (int16 x int16, exact)
+is the next step for Zen 3-class CPUs.
 """
 
 from __future__ import annotations
@@ -58,8 +57,9 @@ def qmatmul_i8(M: Dim, N: int, K: int, target: tvm.target.Target | str | dict, *
     feat = features_of(target_of(target))
     if feat is None:
         return None
-    if feat.vnni and K % 4 == 0:
-        return qmatmul_vnni(M, N, K, a_dtype=a_dtype, a_scale=a_scale, a_zero_point=a_zero_point, bias=bias)
+    if feat.int8_path in ("vnni", "sdot") and K % 4 == 0:
+        return qmatmul_vnni(M, N, K, a_dtype=a_dtype, a_scale=a_scale, a_zero_point=a_zero_point, bias=bias,
+                            isa=feat.int8_path)
     plan = _plan(feat)
     za = int(a_zero_point)
 

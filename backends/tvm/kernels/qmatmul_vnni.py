@@ -19,23 +19,35 @@ from tvm import tirx
 from qir.backends.tvm.kernels.common import Dim
 
 MR = 4  # rows of A per tile
-NT = 4  # 16-lane vectors along N per tile: 16 accumulators + A broadcasts + W loads fit 32 zmm
+NT = 4  # vectors along N per tile: 16 accumulators + A broadcasts + W loads fit 32 zmm / 32 NEON registers
+
+# isa: (int32 lanes, LLVM intrinsic, signedness the instruction wants for A)
+ISAS = {
+    "vnni": (16, "llvm.x86.avx512.vpdpbusd.512", "uint8"),
+    "sdot": (4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8"),
+}
 
 
 def qmatmul_vnni(M: Dim, N: int, K: int, *, a_dtype: str, a_scale: str, a_zero_point: int,
-                 bias: bool) -> tirx.PrimFunc:
-    """The VNNI kernel with :func:`~qir.backends.tvm.kernels.qmatmul_i8`'s parameters (``K % 4 == 0``)."""
+                 bias: bool, isa: str = "vnni") -> tirx.PrimFunc:
+    """The dot-product kernel with :func:`~qir.backends.tvm.kernels.qmatmul_i8`'s parameters (``K % 4 == 0``).
+
+    ``isa="vnni"``: x86 ``vpdpbusd`` (u8 x s8, 16 lanes); ``isa="sdot"``: AArch64 ``sdot`` (s8 x s8,
+    4 lanes; uint8 activations are flipped to ``A - 128`` and ``c = za - 128``).
+    """
     if K % 4:
         raise ValueError(f"qmatmul_vnni needs K % 4 == 0, got {K}")
+    lanes, intrin, want = ISAS[isa]
     dyn = not isinstance(M, int)
     m = "m" if dyn else str(M)
     mr = MR if dyn or M >= MR else M
-    nb = -(-N // 16)
+    nb = -(-N // lanes)
     nbp = -(-nb // NT) * NT
     ntb = nbp // NT
     kb = K // 4
-    shift = 128 if a_dtype == "int8" else 0
+    shift = 0 if a_dtype == want else 128 if want == "uint8" else -128  # A' - A
     c = shift + int(a_zero_point)
+    L = lanes  # noqa: N806 (short, for the template)
     xor = " ^ T.int32(-2139062144)" if shift else ""  # 0x80808080: flip each byte's sign bit
     as_shape = f"({m},)" if a_scale == "token" else "(1,)"
     as_row = "row" if a_scale == "token" else "0"
@@ -53,40 +65,40 @@ def main(a: T.handle, w: T.handle, a_s: T.handle, w_s: T.handle, {bias_param}y: 
     AS = T.match_buffer(a_s, {as_shape}, "float32")
     WS = T.match_buffer(w_s, ({N},), "float32")
 {bias_buf}    Y = T.match_buffer(y, ({m}, {N}), "float32")
-    Wp = T.alloc_buffer(({nbp}, {kb}, 16, 4), "int8")
-    RS = T.alloc_buffer(({nbp * 16},), "int32")
+    Wp = T.alloc_buffer(({nbp}, {kb}, {L}, 4), "int8")
+    RS = T.alloc_buffer(({nbp * L},), "int32")
     for o in T.parallel({nbp}):
-        for i in range(16):
-            RS[o * 16 + i] = 0
+        for i in range({L}):
+            RS[o * {L} + i] = 0
             for kk in range(4 * {kb}):
-                if o * 16 + i < {N}:
-                    RS[o * 16 + i] = RS[o * 16 + i] + T.Cast("int32", W[o * 16 + i, kk])
+                if o * {L} + i < {N}:
+                    RS[o * {L} + i] = RS[o * {L} + i] + T.Cast("int32", W[o * {L} + i, kk])
         for q in range({kb}):
-            for i in range(16):
+            for i in range({L}):
                 for j in T.vectorized(4):
-                    Wp[o, q, i, j] = T.if_then_else(o * 16 + i < {N}, W[T.min(o * 16 + i, {N - 1}), q * 4 + j],
+                    Wp[o, q, i, j] = T.if_then_else(o * {L} + i < {N}, W[T.min(o * {L} + i, {N - 1}), q * 4 + j],
                                                     T.int8(0))
     for t in T.parallel(({m} + {mr - 1}) // {mr} * {ntb}):
-        acc = T.alloc_buffer(({mr}, {NT * 16}), "int32", scope="local")
+        acc = T.alloc_buffer(({mr}, {NT * L}), "int32", scope="local")
         for mi in T.unroll({mr}):
-            for cc in T.vectorized({NT * 16}):
+            for cc in T.vectorized({NT * L}):
                 acc[mi, cc] = 0
         for q in range({kb}):
             for mi in T.unroll({mr}):
                 for nt in T.unroll({NT}):
-                    acc[mi, T.ramp(nt * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                        acc.vload([mi, nt * 16], "int32x16"),
+                    acc[mi, T.ramp(nt * {L}, 1, {L})] = T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("{intrin}"),
+                        acc.vload([mi, nt * {L}], "int32x{L}"),
                         T.reinterpret(T.broadcast(T.reinterpret(
                             A.vload([T.min(t // {ntb} * {mr} + mi, {m} - 1), q * 4], "{a_dtype}x4"),
-                            dtype="int32"){xor}, 16), dtype="int8x64"),
-                        Wp.vload([t % {ntb} * {NT} + nt, q, 0, 0], "int8x64"),
-                        dtype="int32x16")
+                            dtype="int32"){xor}, {L}), dtype="int8x{4 * L}"),
+                        Wp.vload([t % {ntb} * {NT} + nt, q, 0, 0], "int8x{4 * L}"),
+                        dtype="int32x{L}")
         for mi in range({mr}):
             row = t // {ntb} * {mr} + mi
             if row < {m}:
-                for cc in range({NT * 16}):
-                    n = t % {ntb} * {NT * 16} + cc
+                for cc in range({NT * L}):
+                    n = t % {ntb} * {NT * L} + cc
                     if n < {N}:
                         Y[row, n] = T.Cast("float32", acc[mi, cc]{comp}) * (AS[{as_row}] * WS[n]){bias_add}
 '''
