@@ -9,7 +9,8 @@ left alone. For the rest:
   (under the reduction, after ``decompose_reduction``) and ``vectorize``\\ d in chunks of the target's
   vector width. Each step is tried on its own: a step TensorIR refuses leaves the function as it was.
 * CUDA: DLight's GPU rules (Matmul, GEMV, LowBatchGEMV, Reduction, GeneralReduction, RMSNorm, Fallback), so
-  every function gets thread bindings and code generation succeeds.
+  every function gets thread bindings and code generation succeeds. ``Matmul`` is skipped for int8/f16 functions
+  (:class:`NoTensorize`: its tensor-core path crashes in ``Schedule.tensorize`` with this TVM build).
 """
 
 from __future__ import annotations
@@ -130,16 +131,27 @@ class Guarded(_rule_base()):  # type: ignore[misc]
             return None
 
 
+class NoTensorize(Guarded):
+    """DLight's GPU ``Matmul`` only for functions without int8/f16 buffers: for those it tensorizes (MMA), and
+    ``Schedule.tensorize`` segfaults in this apache-tvm-ffi (``ffi::ToJSONGraph``); they get GEMV/Fallback."""
+
+    def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        dtypes = {str(b.dtype) for b in func.buffer_map.values()}
+        if dtypes & {"int8", "uint8", "float16", "bfloat16"}:
+            return None
+        return super().apply(func, target, tunable)
+
+
 def schedule_passes(target: Any) -> list[Any]:
     """The scheduling passes for ``target`` (a ``tvm.target.Target``)."""
     from tvm.s_tir import dlight as dl
 
     if target.kind.name == "cuda":
-        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.RMSNorm(), dl.gpu.Reduction(),
-                 dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+        rules = [NoTensorize(dl.gpu.Matmul()), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.RMSNorm(),
+                 dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     else:
         rules = [dl.cpu.GEMV(), dl.cpu.Reduction(), GenericCPU()]
-    return [dl.ApplyDefaultSchedule(*[Guarded(r) for r in rules])]
+    return [dl.ApplyDefaultSchedule(*[r if isinstance(r, Guarded) else Guarded(r) for r in rules])]
 
 
 def pipeline(target: Any) -> Any:
