@@ -210,9 +210,6 @@ def test_tvm_arm_exports_an_aarch64_library(tmp_path: Path) -> None:
 
 
 @_NO_ARM_CC
-@pytest.mark.xfail(strict=True, reason="qmatmul_i8 uses NEON widening multiply-adds (smull/smlal), not sdot, until "
-                                       "Schedule.tensorize stops crashing in apache-tvm-ffi (see "
-                                       "backends/tvm/kernels/qmatmul_i8.py); strict: passing means remove this mark")
 def test_tvm_arm_int8_matmul_uses_dot_product_instructions(tmp_path: Path) -> None:
     """``qir compile --target tvm-arm`` of a w8a8 matmul: the kernel in model.so uses sdot/udot.
 
