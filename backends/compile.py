@@ -144,6 +144,10 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
     module does not fit the target.
     """
     tgt = target if isinstance(target, Target) else load_target(target)
+    if tgt.runtime == "tvm":  # TVM targets: model.so + params (qir.backends.tvm.compile)
+        from qir.backends.tvm.compile import compile_tvm
+
+        return compile_tvm(module, tgt, out_dir, meta=meta)
     violations = check_module(module, tgt, bind=bind)
     errors = [v for v in violations if v.severity == "error"]
     fb: set[str] = set()
@@ -343,5 +347,14 @@ class Artifact:
 
 
 def load_artifact(out_dir: str | os.PathLike[str], *, threads: int | None = None) -> Artifact:
-    """Open a folder written by :func:`compile_module` (or ``qir compile``)."""
+    """Open a folder written by :func:`compile_module` (or ``qir compile``): ONNX Runtime or TVM, by target.json."""
+    tj = Path(out_dir) / "target.json"
+    try:
+        runtime = json.loads(tj.read_text()).get("runtime") if tj.is_file() else None
+    except (OSError, ValueError):
+        runtime = None
+    if runtime == "tvm":
+        from qir.backends.tvm.compile import TvmArtifact
+
+        return TvmArtifact(out_dir, threads=threads)
     return Artifact(out_dir, threads=threads)

@@ -51,6 +51,7 @@ class Target:
     rules: tuple[Rule, ...]
     allowed_ops: frozenset[str] | None = None
     path: str = field(default="", compare=False)
+    tvm: str = ""   # runtime "tvm": the file's "tvm" section (TVM target dict, export settings) as JSON text
 
     def rule(self, rule_id: str) -> Rule:
         for r in self.rules:
@@ -61,9 +62,14 @@ class Target:
     def lowering_options(self) -> dict[str, Any]:
         return dict(self.lowering)
 
+    def tvm_options(self) -> dict[str, Any]:
+        """The ``"tvm"`` section of a TVM target file (``{"target": {...}, "cc": ...}``), empty otherwise."""
+        return json.loads(self.tvm) if self.tvm else {}
+
     def to_json(self) -> dict[str, Any]:
+        extra = {"tvm": self.tvm_options()} if self.tvm else {}
         return {
-            "name": self.name, "description": self.description, "runtime": self.runtime,
+            **extra, "name": self.name, "description": self.description, "runtime": self.runtime,
             "providers": list(self.providers), "opset": self.opset, "opset_range": list(self.opset_range),
             "static_shapes": self.static_shapes, "lowering": dict(self.lowering),
             "session_config": dict(self.session_config),
@@ -92,13 +98,16 @@ def load_target(name_or_path: str | Path) -> Target:
     try:
         rules = tuple(Rule(id=r["id"], text=r["text"], source=r["source"], fix=r.get("fix"),
                            severity=r.get("severity", "error")) for r in data["rules"])
-        lo, hi = data["opset_range"]
+        # ONNX targets give an opset; TVM targets have none (0).
+        lo, hi = data.get("opset_range", [0, 0])
         allowed = data.get("allowed_ops")
         return Target(name=data["name"], description=data["description"], runtime=data["runtime"],
-                      providers=tuple(data["providers"]), opset=int(data["opset"]), opset_range=(int(lo), int(hi)),
+                      providers=tuple(data.get("providers", [])), opset=int(data.get("opset", 0)),
+                      opset_range=(int(lo), int(hi)),
                       static_shapes=bool(data["static_shapes"]),
                       lowering=tuple(sorted(data.get("lowering", {}).items())),
                       session_config=tuple(sorted(data.get("session_config", {}).items())), rules=rules,
-                      allowed_ops=frozenset(allowed) if allowed is not None else None, path=str(p))
+                      allowed_ops=frozenset(allowed) if allowed is not None else None, path=str(p),
+                      tvm=json.dumps(data["tvm"], sort_keys=True) if "tvm" in data else "")
     except (KeyError, TypeError, ValueError) as exc:
         raise TargetError(f"{p}: malformed target file ({type(exc).__name__}: {exc})") from None

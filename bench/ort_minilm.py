@@ -5,7 +5,11 @@ system: median latency of ``--repeats`` runs after a warm-up, the model's size o
 its sentence embeddings against PyTorch FP32. The issue's goal: qir w8a8 mean cosine >= 0.995, <= 23 MB, and
 latency <= 1.0x quantize_dynamic's.
 
-    python bench/ort_minilm.py [--repeats 10] [--out DIR] [--json]
+    python bench/ort_minilm.py [--repeats 10] [--out DIR] [--json] [--tvm [--tvm-te]]
+
+``--tvm`` adds qir's ``tvm-llvm`` artifacts (float and w8a8, as ``qir compile`` builds them: with the scheduled
+kernels of ``qir.backends.tvm.kernels``) to the same run, with their compile time; ``--tvm-te`` adds the same
+two built with the lowering's own TE computes under the generic CPU schedule (``-te`` rows).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default=None, help="folder for the ONNX files (default: a temporary folder)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tvm", action="store_true", help="add qir tvm-llvm float and w8a8 rows")
+    ap.add_argument("--tvm-te", action="store_true", help="also tvm rows without the scheduled kernels")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
 
@@ -111,6 +117,24 @@ def main() -> int:
             ort_ops=optimized_op_counts(work / name / "model.onnx", threads=THREADS,
                                         session_config=dict(art.target.session_config)))
 
+    if args.tvm:
+        from qir.backends.target import load_target
+        from qir.backends.tvm.compile import compile_tvm
+
+        variants = [(f"qir-tvm-llvm-{p}{suffix}", pipe, kern) for suffix, kern in
+                    ([("", True)] + ([("-te", False)] if args.tvm_te else []))
+                    for p, pipe in (("float", ""), ("w8a8", "quantize{scheme=w8a8}"))]
+        for name, pipeline, kern in variants:
+            mod = PassManager(parse_pipeline(pipeline)).run(module.clone()) if pipeline else module
+            t0 = time.perf_counter()
+            res = compile_tvm(mod, load_target("tvm-llvm"), work / name, use_kernels=kern,
+                              meta={"source": "minilm-l6", "kind": "encoder"})
+            compile_s = time.perf_counter() - t0
+            art = load_artifact(work / name, threads=THREADS)
+            art.run(list(batches[0]))
+            add(name, lambda i, m, a=art: a.run([i, m])[0], res.report["bytes"], compile_s=round(compile_s, 1),
+                kernels=res.report["kernels"])
+
     peer_lat = next(r["latency_ms"] for r in rows if r["system"] == "ort-quantize_dynamic-int8")
     for r in rows:
         r["latency_vs_quantize_dynamic"] = round(r["latency_ms"] / peer_lat, 3)
@@ -124,6 +148,8 @@ def main() -> int:
             print(f"{r['system']:28s} {r['latency_ms']:10.1f} {r['latency_vs_quantize_dynamic']:7.2f} "
                   f"{r['bytes'] / 1e6:7.2f} {r['cosine_mean']:9.5f} {r['cosine_min']:9.5f}")
         for r in rows:
+            if "compile_s" in r:
+                print(f"  {r['system']} compile {r['compile_s']} s, matmuls: {r['kernels']}")
             if "ort_ops" in r:
                 top = ", ".join(f"{k} {v}" for k, v in list(r["ort_ops"].items())[:10])
                 print(f"  {r['system']} optimized graph: {top}")

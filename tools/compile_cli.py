@@ -199,6 +199,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from qir.tools.report import summary_text
 
     for fname, info in rep["functions"].items():
+        if "onnx_ops" not in info:  # a TVM artifact: one library for every function
+            print(f"  @{fname}: {info['file']}; inputs {', '.join(info['inputs'])}; matmuls: {rep.get('kernels')}")
+            continue
         ops = ", ".join(f"{k} {v}" for k, v in list(info["onnx_ops"].items())[:6])
         print(f"  @{fname}: {info['file']} {info['bytes']:,} bytes; ONNX ops: {ops}, ...")
     by_rule: dict[str, list[dict[str, Any]]] = {}

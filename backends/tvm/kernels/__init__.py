@@ -1,0 +1,64 @@
+"""Hand-scheduled TensorIR kernels for qir's matmuls on CPU (x86 AVX-512/VNNI or AVX2, AArch64 NEON/dotprod).
+
+The default CPU pipeline of apache-tvm schedules nothing, so a plain TE matmul runs ~100x slower than
+PyTorch. These builders return a TensorIR ``PrimFunc`` that is ALREADY scheduled for the given
+``tvm.target.Target`` (tiling, vectorization, parallel loops, int8 dot-product instructions), or ``None``
+when there is no schedule for that target (a non-``llvm`` target such as CUDA: use DLight there); the
+lowering then falls back to its own compute.
+
+Interface (stable; the Relax lowering calls it through ``bb.add_func`` + ``call_tir``)
+---------------------------------------------------------------------------------------
+All buffers are row-major and compact. ``M`` (rows of the activation = tokens) may be an ``int`` or an
+``int64`` ``tvm.tirx.Var`` (dynamic tokens; Relax's shape dtype -- an ``int32`` Var trips a TVM
+codegen check); ``N`` (output features) and ``K`` (input features) are ``int``.
+The PrimFunc's parameters are listed in call order; the LAST one is the output (destination-passing
+style, as ``relax.call_tir`` expects).
+
+``qmatmul_i8(M, N, K, target, *, a_dtype="int8", a_scale="token", a_zero_point=0, bias=False)``
+    qir ``qmatmul`` on the integer path (w8a8): int8 weight quantized per output row, symmetric.
+    Parameters: ``A[M, K] a_dtype``, ``W[N, K] int8``, ``a_scale[M] f32`` (``a_scale="token"``: one scale
+    per row, qir's dynamic per-token quantize) or ``a_scale[1] f32`` (``"tensor"``: static per tensor),
+    ``w_scale[N] f32``, ``bias[N] f32`` (only with ``bias=True``), and the output ``Y[M, N] f32``::
+
+        acc[m, n] = sum_k (int32(A[m, k]) - a_zero_point) * int32(W[n, k])     exact, int32
+        Y[m, n]   = f32(acc[m, n]) * (a_scale[m or 0] * w_scale[n])  (+ bias[n])
+
+    exactly as ``qir/ops/quantized.py`` orders it (``sx * sw`` first, then the product). ``a_zero_point``
+    is a compile-time integer: qir's static ``u8`` activation specs carry it as a literal; dynamic
+    per-token int8 activations are symmetric (0). A per-tensor weight scale is passed broadcast to
+    ``[N]``. The kernel re-lays the weight into dot-product tiles and adds the zero-point/sign
+    compensation (``c * rowsum(W)``) itself, so callers pass qir's tensors unchanged.
+
+``wmatmul(M, N, K, bits, group, target, *, symmetric=True, bias=False)``
+    qir ``qmatmul`` with float activations (weight-only, w8a16 / w4a16), dequantized inside the kernel.
+    Parameters: ``X[M, K] f32``; the packed weight ``Wq``: ``bits=8``: ``[N, K]`` ``int8`` (symmetric) or
+    ``uint8`` (asymmetric); ``bits=4``: ``[N, K // 2]`` ``uint8``, qir's packing
+    (``qir.safetensors_io.pack``: element ``2k`` of a row in the low nibble of byte ``k``, ``2k+1`` in
+    the high nibble; two's-complement ``i4`` when symmetric, ``u4`` otherwise; ``K`` must be even);
+    ``scale`` f32 ``[N]`` (``group`` 0/None: one per output row) or ``[N, ceil(K / group)]``;
+    ``zero_point`` int32 of the same shape as ``scale`` (only when ``symmetric=False``); ``bias[N] f32``
+    (only with ``bias=True``); output ``Y[M, N] f32``::
+
+        Y[m, n] = sum_k X[m, k] * (f32(q[n, k] - zp[n, g(k)]) * scale[n, g(k)])  (+ bias[n])
+
+    A static ``M == 1`` gets the GEMV schedule (decode: parallel over N, vectorized over K);
+    anything else (including a dynamic ``M``) the tiled GEMM schedule.
+
+``matmul_f32(M, N, K, target, *, b_layout="NK", bias=False)``
+    Dense float: ``A[M, K] f32``, ``B[N, K] f32`` (``b_layout="NK"``, qir ``linear``: ``A @ B.T``) or
+    ``B[K, N]`` (``"KN"``, plain ``matmul``), ``bias[N] f32`` (with ``bias=True``), output ``Y[M, N] f32``.
+
+Instruction selection follows the target's ``mcpu``/``mattr`` (never the build machine's; see
+:mod:`qir.backends.tvm.kernels.cpu_features`): the int8 kernel uses AVX512-VNNI ``vpdpbusd`` or AArch64
+``sdot`` where the target has them, and an exact int32 vector path elsewhere (AVX2, SSE); the float
+kernels use the target's vector width (AVX-512, AVX2, NEON, SSE).
+"""
+
+from __future__ import annotations
+
+from qir.backends.tvm.kernels.cpu_features import CpuFeatures, features_of
+from qir.backends.tvm.kernels.matmul_f32 import matmul_f32
+from qir.backends.tvm.kernels.qmatmul_i8 import qmatmul_i8
+from qir.backends.tvm.kernels.wmatmul import wmatmul
+
+__all__ = ["CpuFeatures", "features_of", "matmul_f32", "qmatmul_i8", "wmatmul"]

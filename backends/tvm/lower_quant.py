@@ -1,0 +1,310 @@
+"""Lowering of qir's quantized ops (and the matmuls that may use scheduled kernels) to TVM: a mixin of the lowering.
+
+:class:`QuantLowering` holds the methods of :class:`qir.backends.tvm.lower._FunctionLowering` for ``quantize``,
+``dequantize``, ``requantize``, ``qembedding`` and ``qmatmul`` (integer path and weight-only), and the calls into
+``qir.backends.tvm.kernels`` (``qmatmul_i8``, ``wmatmul``, ``matmul_f32``) with their fallbacks to the TE computes
+of :mod:`.qops`. A quantized value is a :class:`QVal` while it is lowered: its codes, scale and zero point as
+Relax expressions and its :class:`~qir.backends.tvm.qops.QLayout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qir.backends.tvm import qops
+from qir.backends.tvm.qops import QLayout, tvm_dtype
+from qir.graph import Op, Value
+from qir.quantspec import QuantSpec
+from qir.types import TensorType
+
+__all__ = ["QVal", "QuantLowering", "layout_of"]
+
+
+@dataclass(frozen=True)
+class QVal:
+    """A quantized value during lowering: Relax expressions for its codes and parameters, plus their layout."""
+
+    codes: Any
+    scale: Any
+    zp: Any | None
+    lay: QLayout
+    type: TensorType
+
+
+def layout_of(t: TensorType) -> QLayout:
+    """The :class:`QLayout` of a quantized tensor type."""
+    spec = t.quant
+    assert spec is not None
+    norm = spec.normalized(t.rank)
+    dt = t.dtype
+    return QLayout(axis=norm.axis, group=norm.group_size, bits=dt.bits if dt.bits < 8 else 8,
+                   signed=dt.kind == "int", has_zp=not spec.symmetric, qmin=dt.qmin, qmax=dt.qmax)
+
+
+class QuantLowering:
+    """Quantized-op handlers (``op_<opcode>``); mixed into the function lowering, whose helpers they use."""
+
+    relax: Any
+    tir: Any
+    bb: Any
+    target: Any
+    use_kernels: bool
+    kernel_counts: dict[str, int]
+    names: dict[str, str]
+
+    # -- quantized ------------------------------------------------------------------------------------
+    def _quantize_float(self, op: Op, x: Any, xt: TensorType, t: TensorType, v: Value) -> QVal:
+        R = self.relax.op
+        spec = t.quant
+        assert spec is not None
+        lay = layout_of(t)
+        if lay.packed:
+            raise self.fail(op, f"quantizing activations to the sub-byte type {t.dtype} is not supported by the "
+                                "TVM backend (use 8-bit activations)")
+        if spec.dynamic:
+            scale, zp = self._dynamic_params(op, x, xt, spec.normalized(xt.rank), lay, t)
+        else:
+            scale = self._param_expr(spec.scale, "float32")
+            zp = self._param_expr(spec.zero_point, "int32")
+        if scale is not None and not isinstance(scale, self.relax.Var):
+            scale = self.bb.emit(scale)
+        if zp is not None and not isinstance(zp, self.relax.Var):
+            zp = self.bb.emit(zp)
+        dt = tvm_dtype(t.dtype)
+        args = [x, scale] + ([zp] if zp is not None else [])
+        codes = self.emit_te(lambda X, S, *Z: qops.quantize_te(X, S, Z[0] if Z else None, lay, dt), args,
+                             "quantize", v)
+        del R
+        return QVal(codes, scale, zp, lay, t)
+
+    def _dynamic_params(self, op: Op, x: Any, xt: TensorType, spec: QuantSpec, lay: QLayout,
+                        t: TensorType) -> tuple[Any, Any | None]:
+        R = self.relax.op
+        rank = xt.rank
+        if spec.axis is None:
+            lo, hi = R.reshape(R.min(x), [1]), R.reshape(R.max(x), [1])
+        elif spec.group_size is None:
+            others = [a for a in range(rank) if a != spec.axis]
+            lo, hi = (R.min(x, axis=others), R.max(x, axis=others)) if others else (x, x)
+        else:
+            n = xt.shape[spec.axis]
+            g = spec.group_size
+            if isinstance(n, int) and g >= n:
+                lo, hi = R.min(x, axis=[spec.axis], keepdims=True), R.max(x, axis=[spec.axis], keepdims=True)
+            elif isinstance(n, int) and n % g == 0:
+                split = self.shape(xt.shape[:spec.axis]) + [n // g, g] + self.shape(xt.shape[spec.axis + 1:])
+                xr = R.reshape(x, split)
+                lo, hi = R.min(xr, axis=[spec.axis + 1]), R.max(xr, axis=[spec.axis + 1])
+            else:
+                raise self.fail(op, f"dynamic groups of {g} must divide the axis size {n}")
+        zero = self.relax.const(0.0, "float32")
+        lo = self.bb.emit(R.minimum(R.astype(lo, "float32"), zero))
+        hi = self.bb.emit(R.maximum(R.astype(hi, "float32"), zero))
+        scale = self.bb.emit_te(lambda L, H: qops.dyn_scale_te(L, H, lay.qmin, lay.qmax, not lay.has_zp), lo, hi,
+                                primfunc_name_hint="qscale")
+        zp = None
+        if lay.has_zp:
+            zp = self.bb.emit_te(lambda L, S: qops.dyn_zp_te(L, S, lay.qmin, lay.qmax), lo, scale,
+                                 primfunc_name_hint="qzp")
+        return scale, zp
+
+    def op_quantize(self, op: Op) -> list[Any]:
+        x = self.plain(op, op.operands[0])
+        return [self._quantize_float(op, x, op.operands[0].type, op.result.type, op.result)]
+
+    def _dequantize(self, q: QVal, out_dtype: str, v: Value | None) -> Any:
+        shape = self.shape(q.type.shape)
+        args = [q.codes, q.scale] + ([q.zp] if q.zp is not None else [])
+        return self.emit_te(lambda C, S, *Z: qops.dequantize_te(C, S, Z[0] if Z else None, q.lay, shape, out_dtype),
+                            args, "dequantize", v)
+
+    def op_dequantize(self, op: Op) -> list[Any]:
+        q = self.get(op.operands[0])
+        if not isinstance(q, QVal):
+            raise self.fail(op, "operand is not quantized")
+        return [self._dequantize(q, tvm_dtype(op.result.type.dtype), op.result)]
+
+    def op_requantize(self, op: Op) -> list[Any]:
+        q = self.get(op.operands[0])
+        assert isinstance(q, QVal)
+        f = self._dequantize(q, "float32", None)
+        return [self._quantize_float(op, f, q.type, op.result.type, op.result)]
+
+    def op_qembedding(self, op: Op) -> list[Any]:
+        table = self.get(op.operands[0])
+        ids = self.plain(op, op.operands[1])
+        assert isinstance(table, QVal)
+        dim = table.type.shape[1]
+        dt = tvm_dtype(op.result.type.dtype)
+        args = [table.codes, table.scale, ids] + ([table.zp] if table.zp is not None else [])
+
+        def fn(tab: Any, s: Any, ids_te: Any, *z: Any) -> Any:
+            return qops.qembedding_te(tab, s, z[0] if z else None, table.lay, ids_te, dim, dt)
+
+        return [self.emit_te(fn, args, "qembedding", op.result)]
+
+    def op_qmatmul(self, op: Op) -> list[Any]:
+        x = self.get(op.operands[0])
+        w = self.get(op.operands[1])
+        b = self.plain(op, op.operands[2]) if len(op.operands) > 2 else None
+        if not isinstance(w, QVal):
+            raise self.fail(op, "the weight is not quantized")
+        n, k = w.type.shape
+        if not isinstance(n, int) or not isinstance(k, int):
+            raise self.fail(op, "the weight needs fixed sizes")
+        out_dt = tvm_dtype(op.result.type.dtype)
+        if isinstance(x, QVal):
+            y = self._kernel_qmatmul_i8(op, x, w, b, n, k)
+            if y is None:
+                self.kernel_counts["te:qmatmul"] = self.kernel_counts.get("te:qmatmul", 0) + 1
+                # 8-bit weights are read transposed ([K, N], one transpose per call) so the output features
+                # form the contiguous inner loop the generic CPU schedule vectorizes.
+                w_kn = not w.lay.packed
+                wcodes = self.bb.emit(self.relax.op.permute_dims(w.codes, [1, 0])) if w_kn else w.codes
+                args = [x.codes, x.scale, wcodes, w.scale]
+                extra = [e for e in (x.zp, w.zp, b) if e is not None]
+                xz, wz, hb = x.zp is not None, w.zp is not None, b is not None
+
+                def fn(XQ: Any, SX: Any, WQ: Any, SW: Any, *rest: Any) -> Any:
+                    it = iter(rest)
+                    zx = next(it) if xz else None
+                    zw = next(it) if wz else None
+                    bias = next(it) if hb else None
+                    return qops.qmatmul_int_te(XQ, SX, zx, x.lay, WQ, SW, zw, w.lay, n, k, bias, w_kn=w_kn)
+
+                y = self.emit_te(fn, args + extra, "qmatmul", None if out_dt != "float32" else op.result)
+        else:
+            y = self._kernel_wmatmul(op, x, w, b, n, k)
+            if y is None:
+                self.kernel_counts["te:wmatmul"] = self.kernel_counts.get("te:wmatmul", 0) + 1
+                args = [x, w.codes, w.scale] + [e for e in (w.zp, b) if e is not None]
+                wz, hb = w.zp is not None, b is not None
+
+                def wfn(X: Any, WQ: Any, SW: Any, *rest: Any) -> Any:
+                    it = iter(rest)
+                    zw = next(it) if wz else None
+                    bias = next(it) if hb else None
+                    return qops.wmatmul_te(X, WQ, SW, zw, w.lay, n, k, bias)
+
+                y = self.emit_te(wfn, args, "wmatmul", None if out_dt != "float32" else op.result)
+        if out_dt != "float32":
+            y = self.emit(self.relax.op.astype(y, out_dt), op.result)
+        self.names[op.result.name] = y.name
+        return [y]
+
+    # -- scheduled kernels (qir.backends.tvm.kernels) ---------------------------------------------------
+    def _kernels(self) -> Any | None:
+        if not self.use_kernels or self.target is None:
+            return None
+        try:
+            from qir.backends.tvm import kernels
+        except ImportError:
+            return None
+        return kernels
+
+    def _rows(self, e: Any, t: TensorType) -> tuple[Any, Any]:
+        """``e [..., K]`` as ``[M, K]`` (a reshape) and ``M`` (an int or a TIR expression)."""
+        lead = t.shape[:-1]
+        m: Any = 1
+        for d in lead:
+            m = m * self.dim(d) if not (isinstance(m, int) and isinstance(d, int)) else m * d
+        if len(lead) == 1:
+            return e, m
+        return self.bb.emit(self.relax.op.reshape(e, [m, self.dim(t.shape[-1])])), m
+
+    def _call_kernel(self, op: Op, prim: Any, name: str, args: list[Any], m: Any, n: int, lead_type: TensorType
+                     ) -> Any:
+        if "global_symbol" in (prim.attrs or {}):
+            prim = prim.without_attr("global_symbol")  # a private helper of this module, named by add_func
+        gv = self.bb.add_func(prim, name)
+        y2 = self.bb.emit(self.relax.call_tir(gv, args, self.relax.TensorType([m, n], "float32")))
+        out_shape = self.shape(lead_type.shape[:-1]) + [self.tir.IntImm("int64", n)]
+        key = name.removesuffix("_k")
+        self.kernel_counts[key] = self.kernel_counts.get(key, 0) + 1
+        if len(lead_type.shape) == 2:
+            self.names[op.result.name] = y2.name
+            return y2
+        return self.emit(self.relax.op.reshape(y2, out_shape), op.result)
+
+    def _m_arg(self, m: Any) -> Any:
+        """``M`` for a kernel builder: an int, or a fresh TIR var (the kernel binds it from the buffer shape)."""
+        if isinstance(m, int):
+            return m
+        if isinstance(m, self.tir.IntImm):
+            return int(m.value)
+        return self.tir.Var("m", "int64")
+
+    def _kernel_matmul_f32(self, op: Op, x: Any, w: Any, b: Any | None) -> Any | None:
+        kern = self._kernels()
+        wt = op.operands[1].type
+        if kern is None or wt.rank != 2 or not isinstance(wt.shape[0], int) or not isinstance(wt.shape[1], int):
+            return None
+        n, k = int(wt.shape[0]), int(wt.shape[1])
+        xt = op.operands[0].type
+        x2, m = self._rows(x, xt)
+        try:
+            prim = kern.matmul_f32(self._m_arg(m), n, k, self.target, b_layout="NK", bias=b is not None)
+        except Exception:  # noqa: BLE001 - a kernel that cannot be built falls back to the plain lowering
+            prim = None
+        if prim is None:
+            return None
+        args = [x2, w] + ([b] if b is not None else [])
+        return self._call_kernel(op, prim, "matmul_f32_k", args, m, n, xt)
+
+    def _kernel_qmatmul_i8(self, op: Op, x: QVal, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
+        kern = self._kernels()
+        if kern is None:
+            return None
+        xs = x.type.quant
+        assert xs is not None
+        wl, xl = w.lay, x.lay
+        if w.type.dtype.name != "i8" or wl.has_zp or wl.group is not None or x.type.dtype.name not in ("i8", "u8"):
+            return None
+        per_token = xl.axis == x.type.rank - 1 and xl.group is not None
+        if not (per_token or xl.axis is None):
+            return None
+        a_zp = 0
+        if x.zp is not None:
+            if xs.dynamic or not isinstance(xs.zero_point, int):
+                return None
+            a_zp = int(xs.zero_point)
+        x2, m = self._rows(x.codes, x.type)
+        try:
+            prim = kern.qmatmul_i8(self._m_arg(m), n, k, self.target, a_dtype=tvm_dtype(x.type.dtype),
+                                   a_scale="token" if per_token else "tensor", a_zero_point=a_zp,
+                                   bias=b is not None)
+        except Exception:  # noqa: BLE001 - fall back to the TE compute
+            prim = None
+        if prim is None:
+            return None
+        sx = x.scale
+        if per_token:
+            sx = self.bb.emit(self.relax.op.reshape(sx, [m]))
+        sw = w.scale
+        if wl.axis is None:
+            sw = self.bb.emit(self.relax.op.broadcast_to(sw, [n]))
+        args = [x2, w.codes, sx, sw] + ([b] if b is not None else [])
+        return self._call_kernel(op, prim, "qmatmul_i8_k", args, m, n, x.type)
+
+    def _kernel_wmatmul(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
+        kern = self._kernels()
+        if kern is None:
+            return None
+        wl = w.lay
+        if wl.bits not in (4, 8) or (wl.axis is not None and wl.axis != (1 if wl.group else 0)):
+            return None
+        if wl.axis is None or (wl.bits == 4 and k % 2) or op.operands[0].type.dtype.name != "f32":
+            return None
+        if wl.has_zp == wl.signed:  # the kernel's contract: symmetric = signed codes, asymmetric = unsigned
+            return None
+        x2, m = self._rows(x, op.operands[0].type)
+        try:
+            prim = kern.wmatmul(self._m_arg(m), n, k, wl.bits, wl.group or 0, self.target,
+                                symmetric=not wl.has_zp, bias=b is not None)
+        except Exception:  # noqa: BLE001 - fall back to the TE compute
+            prim = None
+        if prim is None:
+            return None
+        args = [x2, w.codes, w.scale] + ([w.zp] if w.zp is not None else []) + ([b] if b is not None else [])
+        return self._call_kernel(op, prim, f"wmatmul{wl.bits}_k", args, m, n, op.operands[0].type)

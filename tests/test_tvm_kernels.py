@@ -1,0 +1,158 @@
+"""Differential tests of the hand-scheduled TVM CPU kernels (qir.backends.tvm.kernels) against numpy.
+
+Integer paths must be exact up to the final f32 epilogue (LLVM may contract ``acc * scale + bias``
+into one FMA, so the comparison allows a few ulps); float paths within a tolerance scaled by K.
+Each case compiles one small kernel (~0.3 s).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import tirx  # noqa: E402
+
+from qir.backends.tvm.kernels import features_of, matmul_f32, qmatmul_i8, wmatmul  # noqa: E402
+from qir.ops.quantized import _integer_path  # noqa: E402
+from qir.quant import QTensor, quantize_dynamic  # noqa: E402
+from qir.quantspec import QuantSpec  # noqa: E402
+from qir.safetensors_io import pack  # noqa: E402
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+# A generic x86-64 target: the kernels must not depend on the build host's AVX-512 / VNNI.
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+ARM = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
+DYN = tirx.Var("m", "int64")
+
+
+def _run(func: tirx.PrimFunc, target: tvm.target.Target, args: list[np.ndarray], out_shape: tuple[int, ...]
+         ) -> np.ndarray:
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    y = tvm.runtime.empty(out_shape, "float32")
+    ex["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a)) for a in args], y)
+    return y.numpy()
+
+
+def test_features_follow_the_target_not_the_host() -> None:
+    assert features_of(tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})).avx512 is False
+    assert features_of(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})).vnni is True
+    arm = features_of(ARM)
+    assert arm.arch == "aarch64" and arm.dotprod and not arm.avx2
+    assert features_of(tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is None
+    assert matmul_f32(4, 4, 4, tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is None
+
+
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+@pytest.mark.parametrize(("m", "n", "k", "layout", "bias"), [
+    (37, 50, 70, "NK", True), (64, 96, 128, "KN", False), (1, 50, 70, "NK", True), (DYN, 33, 9, "NK", False)])
+def test_matmul_f32(target: tvm.target.Target, m: int | tirx.Var, n: int, k: int, layout: str, bias: bool) -> None:
+    rng = np.random.default_rng(1)
+    mv = 11 if isinstance(m, tirx.Var) else m
+    a = rng.standard_normal((mv, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if layout == "NK" else (k, n)).astype(np.float32)
+    bs = rng.standard_normal(n).astype(np.float32)
+    func = matmul_f32(m, n, k, target, b_layout=layout, bias=bias)
+    y = _run(func, target, [a, b] + ([bs] if bias else []), (mv, n))
+    ref = a.astype(np.float64) @ (b.T if layout == "NK" else b).astype(np.float64) + (bs if bias else 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * k)
+
+
+def _reference_qmatmul(xq: QTensor, w: QTensor, bias: np.ndarray | None) -> np.ndarray:
+    y = _integer_path(xq, w)
+    return y + bias if bias is not None else y
+
+
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+@pytest.mark.parametrize(("m", "n", "k"), [(9, 40, 64), (1, 17, 36), (DYN, 64, 24)])
+def test_qmatmul_i8_dynamic_per_token_matches_interpreter(target: tvm.target.Target, m: int | tirx.Var, n: int,
+                                                         k: int) -> None:
+    rng = np.random.default_rng(2)
+    mv = 5 if isinstance(m, tirx.Var) else m
+    x = (rng.standard_normal((mv, k)) * 3).astype(np.float32)
+    xq = quantize_dynamic(x, QuantSpec(axis=1, group_size=k, dynamic=True), "i8")
+    wf = rng.standard_normal((n, k)).astype(np.float32)
+    wscale = (np.abs(wf).max(axis=1) / 127).astype(np.float32)
+    wq = QTensor(np.clip(np.rint(wf / wscale[:, None]), -127, 127).astype(np.int8), wscale, None,
+                 QuantSpec(axis=0, scale="s"))
+    bias = rng.standard_normal(n).astype(np.float32)
+    func = qmatmul_i8(m, n, k, target, a_dtype="int8", a_scale="token", bias=True)
+    y = _run(func, target, [xq.codes, wq.codes, xq.scale.reshape(-1), wscale, bias], (mv, n))
+    ref = _reference_qmatmul(xq, wq, bias)
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+def test_qmatmul_i8_static_u8_with_zero_point_is_exact_in_integers(target: tvm.target.Target) -> None:
+    rng = np.random.default_rng(3)
+    m, n, k, zp = 7, 33, 50, 102
+    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    # Unit scales make Y the integer accumulator itself: any off-by-one in the zero point shows.
+    func = qmatmul_i8(m, n, k, target, a_dtype="uint8", a_scale="tensor", a_zero_point=zp)
+    y = _run(func, target, [a, w, np.ones(1, np.float32), np.ones(n, np.float32)], (m, n))
+    acc = (a.astype(np.int64) - zp) @ w.astype(np.int64).T
+    np.testing.assert_array_equal(y, acc.astype(np.float32))
+
+
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+@pytest.mark.parametrize(("m", "n", "k", "bits", "group", "sym", "bias"), [
+    (1, 40, 64, 4, 32, True, True), (1, 35, 64, 4, None, False, False), (1, 40, 64, 8, 16, True, False),
+    (1, 24, 48, 8, None, False, True), (5, 40, 64, 4, 32, False, True), (DYN, 40, 64, 8, None, True, True),
+    (3, 33, 20, 4, 6, True, False)])
+def test_wmatmul_dequantizes_like_qir(target: tvm.target.Target, m: int | tirx.Var, n: int, k: int, bits: int,
+                                      group: int | None, sym: bool, bias: bool) -> None:
+    rng = np.random.default_rng(4)
+    mv = 6 if isinstance(m, tirx.Var) else m
+    lo, hi = {(4, True): (-8, 8), (4, False): (0, 16), (8, True): (-128, 128), (8, False): (0, 256)}[(bits, sym)]
+    codes = rng.integers(lo, hi, (n, k))
+    groups = 1 if group is None else -(-k // group)
+    scale = (rng.random((n,) if group is None else (n, groups)) * 0.1 + 0.01).astype(np.float32)
+    zp = None if sym else rng.integers(lo, hi, scale.shape).astype(np.int32)
+    spec = QuantSpec(axis=0, scale="s") if group is None else QuantSpec(axis=1, group_size=group, scale="s")
+    if not sym:
+        spec = QuantSpec(axis=spec.axis, group_size=spec.group_size, scale="s", zero_point="z", symmetric=False)
+    wq = QTensor(codes, scale, zp, spec)
+    x = rng.standard_normal((mv, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    if bits == 8:
+        packed = codes.astype(np.int8 if sym else np.uint8)
+    else:
+        packed = pack(codes, "i4" if sym else "u4").reshape(n, k // 2)
+    func = wmatmul(m, n, k, bits, group, target, symmetric=sym, bias=bias)
+    args = [x, packed, scale] + ([] if sym else [zp]) + ([b] if bias else [])
+    y = _run(func, target, args, (mv, n))
+    ref = x.astype(np.float64) @ wq.dequantize().astype(np.float64).T + (b if bias else 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * k)
+
+
+def test_int4_needs_even_k() -> None:
+    with pytest.raises(ValueError, match="even K"):
+        wmatmul(1, 8, 7, 4, None, HOST)
+
+
+@pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
+def test_int8_kernel_cross_compiles_for_aarch64_with_sdot(a_dtype: str) -> None:
+    # Compile-only (no AArch64 machine here): the int8 kernel's inner loop is the dot-product instruction.
+    func = qmatmul_i8(16, 32, 64, ARM, a_dtype=a_dtype, a_scale="tensor", a_zero_point=3 if a_dtype == "uint8" else 0)
+    asm = tvm.compile(tvm.IRModule({"main": func}), target=ARM).mod.inspect_source("asm")
+    assert re.search(r"^\s+sdot\s", asm, re.M), "no sdot in the AArch64 int8 kernel"
+    # Without +dotprod the exact NEON fallback (widening multiply-accumulate) is used instead.
+    plain = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    asm = tvm.compile(tvm.IRModule({"main": qmatmul_i8(16, 32, 64, plain)}), target=plain).mod.inspect_source("asm")
+    assert not re.search(r"^\s+sdot\s", asm, re.M)
+    assert re.search(r"^\s+(smlal|smull)\d?\s", asm, re.M)
+
+
+def _x86_mnemonics(func: tirx.PrimFunc, target: tvm.target.Target) -> set[str]:
+    asm = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("asm")
+    return set(re.findall(r"^\s+([a-z][a-z0-9]*)\s", asm, re.M))
+
+
+def test_int8_kernel_uses_vnni_only_where_the_target_has_it() -> None:
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert "vpdpbusd" in _x86_mnemonics(qmatmul_i8(8, 64, 64, zen4), zen4)
+    zen3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})  # AVX2 only: no VNNI, no AVX-512
+    assert not {"vpdpbusd", "vpmaddubsw"} & _x86_mnemonics(qmatmul_i8(8, 64, 64, zen3), zen3)
