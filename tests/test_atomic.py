@@ -31,7 +31,10 @@ import pytest
 import qir
 
 DRIVER = r'''
-import os, pathlib, sys, time
+import os, pathlib, signal, sys, time
+# A shell's background job starts with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+# restore it, as a terminal user's qir process has it, so the test does not depend on how pytest was started.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 point, flag = sys.argv[1], pathlib.Path(sys.argv[2])
 argv = sys.argv[3:]
 
