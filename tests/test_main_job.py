@@ -105,6 +105,18 @@ def test_compile_default_output_folder_and_float_for_qir(demo: Path, tmp_path: P
     assert json.loads((out / "report.json").read_text())["quality_note"] == "skipped (--eval-windows 0)"
 
 
+def test_compile_a_qir_written_by_quantize_from_another_folder(demo: Path, tmp_path: Path) -> None:
+    """The sidecar of `qir quantize X.qir` names X by the path it was given; compiling the result from another
+    folder must not try to load a tokenizer from that path."""
+    q = qir("quantize", str(demo / "tiny-f32.qir"), "-p", "quantize{scheme=w8a16}", "-o", str(tmp_path / "y.qir"))
+    assert q.returncode == 0, q.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = qir("compile", str(tmp_path / "y.qir"), "--target", "ort-cpu", "-o", str(elsewhere / "art"), cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert (elsewhere / "art" / "model.onnx").is_file()
+
+
 def test_report_lists_earlier_compiles_of_the_same_model(tmp_path: Path) -> None:
     from qir.tools.report import sibling_compiles
 

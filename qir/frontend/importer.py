@@ -228,5 +228,8 @@ def _import_qir(path: Path) -> LoadedImport:
         side = {"source": spec.name, "kind": spec.kind}
     source = str(side["source"])
     options = {k: v for k, v in side.items() if k not in ("source", "kind")}
-    return LoadedImport(module=module, kind=str(side["kind"]), source=source, tokenizer=_tokenizer_for(source),
-                        options=options)
+    kind = str(side["kind"])
+    # A sidecar of kind "unknown" names the file the module came from (qir quantize of a bare .qir), not a model
+    # with a tokenizer: there is nothing to load from it.
+    tokenizer = None if kind == "unknown" else _tokenizer_for(source)
+    return LoadedImport(module=module, kind=kind, source=source, tokenizer=tokenizer, options=options)
