@@ -37,7 +37,7 @@ PRESETS: dict[str, str] = {
     "float": "",
     "w8a8": "quantize{scheme=w8a8}",
     "w8a16": "quantize{scheme=w8a16}",
-    "w4a16": "quantize{scheme=w4a16,group=32}",
+    "w4a16": "quantize{scheme=w4a16,group=32,symmetric=false}",
     "w4a16-mixed": 'mixed-precision{budget=5.5,candidates="8,4g32,4"},dce',
     "npu-int8": "calibrate,quantize{scheme=w8a8,act=static,embedding=none,head=none}",
     # No re-quantization: a GGUF model keeps its own blocks (imported with keep_quantized), a .qir stays as is.
@@ -49,7 +49,7 @@ PRESET_MEANING: dict[str, str] = {
     "float": "lower the float model as it is",
     "w8a8": "int8 weights per output channel, int8 activations per token at run time",
     "w8a16": "int8 weights per output channel, float activations (the default: +0.45% perplexity on SmolLM2)",
-    "w4a16": "int4 weights in groups of 32 (MatMulNBits on ort-cpu), float activations",
+    "w4a16": "int4 weights in groups of 32 with a zero point per group (MatMulNBits on ort-cpu), float activations",
     "w4a16-mixed": "8 or 4 bits per weight tensor, chosen by Hessian-weighted sensitivity on calibration text "
                    "under a 5.5 bits/param budget",
     "npu-int8": "static per-tensor int8 activations from calibration, as Ascend-style NPUs want",
