@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from qweights import add_quantized_weight as _weight
 
 import qir
-from qir import quant
 from qir.backends.compile import CompileError, compile_module, load_artifact
 from qir.backends.onnx.legality import check_module
 from qir.backends.onnx.lower import LowerError, LowerOptions, lower_function
@@ -32,16 +32,6 @@ def _ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], level: str = 
     sess = make_session(model.SerializeToString(), level=level,
                         session_config={"session.qdq_matmulnbits_accuracy_level": "1"})
     return sess.run(None, feeds)
-
-
-def _weight(m: qir.Module, name: str, w: np.ndarray, dt: str, **kw: object) -> qir.graph.Value:
-    spec, scale, zp = quant.choose_params(w, dt, scale_name=f"{name}.scale", zero_point_name=f"{name}.zp", **kw)
-    codes = quant.quantize_spec(w, spec, dt, scale, zp).codes
-    if spec.axis is not None:
-        m.add_constant(f"{name}.scale", scale)
-        if zp is not None:
-            m.add_constant(f"{name}.zp", zp.astype(qir.dtypes.dtype(dt).numpy))
-    return m.add_constant(name, codes, type=TensorType.of(dt, codes.shape, spec))
 
 
 def _mlp(x_spec: QuantSpec | None, w_dt: str = "i8", *, k: int = 64, n: int = 48, bias: bool = True,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qweights import add_quantized_weight as _weight
 
 import qir
-from qir import quant
 from qir.backends.compile import CompileError, compile_module, load_artifact
 from qir.backends.target import load_target
 from qir.interpreter import run
@@ -32,16 +32,6 @@ def _compile(m: qir.Module, out: Path) -> None:
     """The artifact path of ``qir compile --target tvm-llvm`` with the lowering's own TE kernels (the scheduled
     kernels of ``qir.backends.tvm.kernels`` have their own tests in ``tests/test_tvm_kernels.py``)."""
     compile_tvm(m, load_target("tvm-llvm"), out, use_kernels=False)
-
-
-def _weight(m: qir.Module, name: str, w: np.ndarray, dt: str, **kw: object) -> qir.graph.Value:
-    spec, scale, zp = quant.choose_params(w, dt, scale_name=f"{name}.scale", zero_point_name=f"{name}.zp", **kw)
-    codes = quant.quantize_spec(w, spec, dt, scale, zp).codes
-    if spec.axis is not None:
-        m.add_constant(f"{name}.scale", scale)
-        if zp is not None:
-            m.add_constant(f"{name}.zp", zp.astype(qir.dtypes.dtype(dt).numpy))
-    return m.add_constant(name, codes, type=TensorType.of(dt, codes.shape, spec))
 
 
 def _mlp(x_spec: QuantSpec | None, w_dt: str = "i8", *, k: int = 64, n: int = 48, bias: bool = True,
@@ -221,7 +211,7 @@ def test_tvm_arm_int8_matmul_uses_dot_product_instructions(tmp_path: Path) -> No
     if importlib.util.find_spec("qir.backends.tvm.kernels") is None:
         pytest.skip("the scheduled int8 kernels (backends/tvm/kernels, issue 7 part B) are not in this tree")
     code = ("import json, sys; from qir.backends.compile import compile_module; "
-            "import tests.test_backend_tvm as t; "
+            "sys.path.insert(0, 'tests'); import test_backend_tvm as t; "
             "r = compile_module(t._w8a8_module(), 'tvm-arm', sys.argv[1]); print(json.dumps(r.report['kernels']))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "arm")], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=900)

@@ -1299,7 +1299,6 @@ class _Lowerer:
         blob = self.nbits_blob(table)
         d = int(t.shape[1])
         nb = d // blob.group
-        r = ids.type.rank
         idn = self.val(ids)
         c = self.node("Cast", [self.node("Gather", [blob.codes, idn], hint=h, axis=0)], hint=h, to=TensorProto.INT32)
         if blob.zp is not None:
@@ -1311,11 +1310,21 @@ class _Lowerer:
         cf = self.node("Cast", [c], hint=h, to=TensorProto.FLOAT)
         sb = self.node("Gather", [self.node("Reshape", [blob.scale, self.i64([-1, nb, 1])], hint=h), idn], hint=h,
                        axis=0)
+        return self.blocks_to_rows(op, cf, sb, nb, h)
+
+    def blocks_to_rows(self, op: Op, cf: str, sb: str, nb: int, h: str) -> str:
+        """The shared tail of the per-block embedding lookups: f32 codes ``[.., nb, g]`` times the gathered block
+        scales ``sb`` (plus the table's offset, gathered per block), reshaped to rows ``[.., d]`` in the result's
+        dtype."""
+        table, ids = op.operands
+        t = table.type
+        r = ids.type.rank
+        d = int(t.shape[1])
         y = self.node("Mul", [cf, sb], hint=h)
         off = self.offset_data(t)
         if off is not None:
             ob = self.node("Gather", [self.init(f"{table.name}::offset.blk", np.ascontiguousarray(
-                off.reshape(-1, nb, 1))), idn], hint=h, axis=0)
+                off.reshape(-1, nb, 1))), self.val(ids)], hint=h, axis=0)
             y = self.node("Add", [y, ob], hint=h)
         out_dt = op.result.type.dtype
         y = self.node("Reshape", [y, self.i64([0] * r + [d])], h if out_dt.name == "f32" else None, hint=h)
@@ -1346,17 +1355,7 @@ class _Lowerer:
         cf = self.node("Cast", [c], hint=h, to=TensorProto.FLOAT)
         sb = self.node("Gather", [self.init(f"{table.name}::scale.blk", np.ascontiguousarray(
             scale.reshape(-1, nb, 1))), idn], hint=h, axis=0)
-        y = self.node("Mul", [cf, sb], hint=h)
-        off = self.offset_data(t)
-        if off is not None:
-            ob = self.node("Gather", [self.init(f"{table.name}::offset.blk", np.ascontiguousarray(
-                off.reshape(-1, nb, 1))), idn], hint=h, axis=0)
-            y = self.node("Add", [y, ob], hint=h)
-        out_dt = op.result.type.dtype
-        y = self.node("Reshape", [y, self.i64([0] * r + [d])], h if out_dt.name == "f32" else None, hint=h)
-        if out_dt.name != "f32":
-            y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
-        return y
+        return self.blocks_to_rows(op, cf, sb, nb, h)
 
 
 _SIMPLE: dict[str, str] = {
