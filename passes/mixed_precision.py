@@ -336,15 +336,7 @@ class MixedPrecision(Pass):
                                 after=sname)
         for kind, func, op in ulist:
             operands = [qc, op.operands[1]] if kind == "embedding" else [op.operands[0], qc, *op.operands[2:]]
-            self._replace(func, op, "qembedding" if kind == "embedding" else "qmatmul", operands)
+            func.replace_op(op, "qembedding" if kind == "embedding" else "qmatmul", operands)
         module.remove_constant(wname)
         module.rename_constant(qname, wname)
 
-    @staticmethod
-    def _replace(func: Function, op: Op, opcode: str, operands: list[Value]) -> None:
-        result = op.result
-        name = result.name
-        new = func.add_op(opcode, operands, result_types=[result.type], names=[name + ".new"], before=op, loc=op.loc)
-        result.replace_all_uses_with(new.result)
-        func.erase_op(op)
-        func.rename(new.result, name)

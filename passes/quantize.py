@@ -519,7 +519,7 @@ class Quantize(Pass):
                 wname, u = entry
                 qconst = module.constant(pending[wname][0])
                 if u.kind == "embedding":
-                    self._replace(func, op, "qembedding", [qconst, op.operands[1]])
+                    func.replace_op(op, "qembedding", [qconst, op.operands[1]])
                     continue
                 x = op.operands[0]
                 xin = x
@@ -529,7 +529,7 @@ class Quantize(Pass):
                     if xin is None:
                         xin = self._quantize_activation(func, op, x, u.act, stats.get((func.name, x.name)))
                         act_cache[key] = xin
-                self._replace(func, op, "qmatmul", [xin, qconst, *op.operands[2:]])
+                func.replace_op(op, "qmatmul", [xin, qconst, *op.operands[2:]])
         for wname, (qname, final) in pending.items():
             old = module.constant(wname)
             if final == wname:
@@ -540,16 +540,6 @@ class Quantize(Pass):
             elif qname != final:
                 module.rename_constant(qname, final)
         self._pending = {}
-
-    @staticmethod
-    def _replace(func: Function, op: Op, opcode: str, operands: list[Value]) -> None:
-        result = op.result
-        name = result.name
-        new = func.add_op(opcode, operands, result_types=[result.type], names=[name + ".new"], before=op,
-                          loc=op.loc)
-        result.replace_all_uses_with(new.result)
-        func.erase_op(op)
-        func.rename(new.result, name)
 
     @staticmethod
     def _quantize_activation(func: Function, before: Op, x: Value, act: str,

@@ -307,6 +307,18 @@ class Function:
         """A value name not yet used in this function: ``base``, else ``base.1``, ``base.2``..."""
         return _fresh(base, self._names)
 
+    def replace_op(self, op: Op, opcode: str, operands: Sequence[Value]) -> Op:
+        """Replace single-result ``op`` by an ``opcode`` op on ``operands`` with the same result type, name and
+        location, in the same place (every use of the old result now uses the new one)."""
+        result = op.result
+        name = result.name
+        new = self.add_op(opcode, list(operands), result_types=[result.type], names=[name + ".new"], before=op,
+                          loc=op.loc)
+        result.replace_all_uses_with(new.result)
+        self.erase_op(op)
+        self.rename(new.result, name)
+        return new
+
     def rename(self, value: Value, new_name: str) -> None:
         """Rename a function value (inputs and op results; constants are renamed on the module)."""
         if value.is_constant:

@@ -432,3 +432,16 @@ def test_broadcast_and_static_queries() -> None:
     with pytest.raises(QirError, match="has a symbolic size"):
         t.numel()
     assert TensorType.of("i4", [3, 5]).nbytes() == 8  # 15 nibbles pack into 8 bytes
+
+
+def test_replace_op_keeps_name_place_and_uses() -> None:
+    m = Module("r")
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [2, 3]))
+    a = f.add_op("relu", [x], names=["a"]).result
+    b = f.add_op("add", [a, x], names=["b"]).result
+    f.set_outputs([b])
+    new = f.replace_op(f.ops[0], "neg", [x])
+    assert [op.opcode for op in f.ops] == ["neg", "add"]
+    assert new.result.name == "a" and f.ops[1].operands[0] is new.result
+    verify(m)

@@ -26,7 +26,7 @@ import numpy as np
 
 from qir.errors import QirError
 from qir.gguf_blocks import SUPPORTED, BlockWeight, GGUFFormatError, decode_blocks
-from qir.graph import Function, Module, Op, Value
+from qir.graph import Function, Module, Op
 from qir.quant import QTensor
 
 __all__ = ["FLOAT_TYPES", "KeepReport", "dequantize_block_weight", "keep_gguf_quantization"]
@@ -195,9 +195,9 @@ def _swap(module: Module, cname: str, bw: BlockWeight) -> None:
     for op, _ in list(old.uses):
         func = op.parent or _owner(module, op)
         if op.opcode == "linear":
-            _replace(func, op, "qmatmul", [op.operands[0], new, *op.operands[2:]])
+            func.replace_op(op, "qmatmul", [op.operands[0], new, *op.operands[2:]])
         else:
-            _replace(func, op, "qembedding", [new, op.operands[1]])
+            func.replace_op(op, "qembedding", [new, op.operands[1]])
     module.remove_constant(cname)
     module.rename_constant(tmp, cname)
 
@@ -209,10 +209,3 @@ def _owner(module: Module, op: Op) -> Function:
     raise QirError(f"op {op.opcode} belongs to no function of @{module.name}")  # a bug
 
 
-def _replace(func: Function, op: Op, opcode: str, operands: list[Value]) -> None:
-    result = op.result
-    name = result.name
-    new = func.add_op(opcode, operands, result_types=[result.type], names=[name + ".new"], before=op, loc=op.loc)
-    result.replace_all_uses_with(new.result)
-    func.erase_op(op)
-    func.rename(new.result, name)
