@@ -77,25 +77,47 @@ def _params(lo: np.ndarray, hi: np.ndarray, dt: DType, symmetric: bool) -> tuple
     return scale.astype(np.float32), None if zp is None else zp.astype(np.int32)
 
 
-def rtn_quantize(w: np.ndarray, dt: str | DType, *, group: int | None, symmetric: bool, axis: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Round-to-nearest ``(codes, scale, zero_point)``: per row (``group=None``) or per group along axis 1."""
+def _check_clip(clip: str) -> None:
+    if clip not in ("minmax", "mse"):
+        raise QirError(f"clip must be 'minmax' or 'mse', got {clip!r}")
+
+
+def rtn_quantize(w: np.ndarray, dt: str | DType, *, group: int | None, symmetric: bool, axis: int = 0,
+                 clip: str = "minmax") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest ``(codes, scale, zero_point)``: per row (``group=None``) or per group along axis 1.
+
+    ``clip="mse"`` clips each row's / group's range for the least squared error (:func:`qir.quant.choose_params_mse`)
+    instead of using its min/max.
+    """
     d = dtype(dt)
+    _check_clip(clip)
+    choose = quant.choose_params_mse if clip == "mse" else quant.choose_params
     if group is None:
-        spec, scale, zp = quant.choose_params(w, d, symmetric=symmetric, axis=axis)
+        spec, scale, zp = choose(w, d, symmetric=symmetric, axis=axis)
     else:
-        spec, scale, zp = quant.choose_params(w, d, symmetric=symmetric, axis=1, group_size=group)
+        spec, scale, zp = choose(w, d, symmetric=symmetric, axis=1, group_size=group)
     codes = quant.quantize_spec(w, spec, d, scale, zp).codes
     return codes, scale, zp
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray, dt: str | DType, *, group: int | None, symmetric: bool,
-                  damp: float = 0.01, block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                  damp: float = 0.01, block: int = 128, clip: str = "minmax"
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """GPTQ ``(codes, scale, zero_point)`` of ``w [N, K]`` given ``h [K, K]`` (see the module docstring).
 
     ``group=None``: one scale per output row (shape ``[N]``); else per group of ``group`` input columns
-    (shape ``[N, ceil(K/group)]``, the last group padded as in :mod:`qir.quant`).
+    (shape ``[N, ceil(K/group)]``, the last group padded as in :mod:`qir.quant`). ``clip="mse"`` chooses each
+    scale (per row up front, per group when the group starts) with :func:`qir.quant.choose_params_mse` instead of
+    the min/max range: on MiniLM's linears at 4 bits per row the sentence cosine goes from 0.905 to 0.943 (RTN).
     """
+    _check_clip(clip)
+
+    def params(cur: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if clip == "mse":
+            _, s, z = quant.choose_params_mse(cur.astype(np.float32), d, symmetric=symmetric, axis=0)
+            return s.astype(np.float32), None if z is None else z.astype(np.int32)
+        return _params(cur.min(axis=1), cur.max(axis=1), d, symmetric)
+
     import scipy.linalg  # only GPTQ needs it; keep `import qir.passes` light
 
     d = dtype(dt)
@@ -133,7 +155,7 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, dt: str | DType, *, group: int |
         s_col = np.ones(n, np.float32)
         z_col: np.ndarray | None = None
     else:
-        scale, zp = _params(W.min(axis=1), W.max(axis=1), d, symmetric)
+        scale, zp = params(W)
         s_col, z_col = scale, zp
 
     codes = np.zeros((n, k), dtype=np.int32)
@@ -147,7 +169,7 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, dt: str | DType, *, group: int |
             if group is not None and col % group == 0:
                 g = col // group
                 cur = W[:, col:col + group]  # inside this block: every earlier error already applied
-                s_col, z_col = _params(cur.min(axis=1), cur.max(axis=1), d, symmetric)
+                s_col, z_col = params(cur)
                 scale[:, g] = s_col
                 if zp is not None and z_col is not None:
                     zp[:, g] = z_col
