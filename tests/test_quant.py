@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qir import dtypes
+from qir import dtypes, quant
 from qir.dtypes import DType
 from qir.errors import QuantError
 from qir.quant import (
@@ -360,3 +360,26 @@ def test_constant_refs_and_rename() -> None:
     renamed = spec.rename_refs({"w.scale": "s2"})
     assert renamed.constant_refs == ("s2", "w.zp") and spec.scale == "w.scale"
     assert QuantSpec.per_tensor(0.5, 3).constant_refs == ()
+
+
+# -- MSE-clipped parameters ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("axis,group", [(0, None), (1, 16), (None, None)])
+def test_choose_params_mse_never_worse_and_better_on_heavy_tails(symmetric: bool, axis: int | None,
+                                                                 group: int | None) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(3, size=(24, 40)).astype(np.float32)  # heavy tails: min/max wastes most of the 4-bit range
+    spec0, s0, z0 = quant.choose_params(x, "i4" if symmetric else "u4", symmetric=symmetric, axis=axis,
+                                        group_size=group)
+    spec1, s1, z1 = quant.choose_params_mse(x, "i4" if symmetric else "u4", symmetric=symmetric, axis=axis,
+                                            group_size=group)
+    assert np.shape(s1) == np.shape(s0) and (z1 is None) == (z0 is None)
+    dt = dtypes.dtype("i4" if symmetric else "u4")
+    if z1 is not None:
+        assert np.all((z1 >= dt.qmin) & (z1 <= dt.qmax))
+
+    def err(spec: QuantSpec, s: np.ndarray, z: np.ndarray | None) -> float:
+        return float(np.square(quant.quantize_spec(x, spec, dt, s, z).dequantize() - x).sum())
+
+    assert err(spec1, s1, z1) < 0.97 * err(spec0, s0, z0)
+    assert np.all(np.asarray(s1) <= np.asarray(s0) * (1 + 1e-6))  # clipping only ever shrinks the range
