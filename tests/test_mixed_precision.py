@@ -224,3 +224,24 @@ def test_rounding_and_clip_options_checked() -> None:
     mp.context = PassContext(calibration=feeds())
     with pytest.raises(QirError, match="rounding must be rtn or gptq"):
         mp.run(tiny_lm())
+
+
+def test_output_sensitivity_is_the_function_output_error() -> None:
+    """sensitivity=output: each option's sensitivity is the model output's MSE with only that tensor quantized (as
+    stored), so the tied table's entry includes both the lookup and the head; the data of the module is restored."""
+    src = tiny_lm(5)
+    ctx = PassContext(calibration=feeds(2))
+    before = {n: c.numpy().copy() for n, c in src.constants.items()}
+    out, mp = run_mp('mixed-precision{budget=6,candidates="8,4",windows=2,sensitivity=output}', src.clone(), ctx)
+    qir.verify(out)
+    for name in ("layer.down_proj.weight", "embed"):
+        a = next(a for a in mp.assignment if a.weight == name)
+        for cand, (_nbytes, sens) in a.options.items():
+            probe = src.clone()
+            probe.constant(name).data = mp._qcache[(name, cand)][1].dequantize()
+            want = np.mean([np.mean(np.square(run_out(probe, f).astype(np.float64) - run_out(src, f)))
+                            for f in ctx.calibration])
+            assert sens == pytest.approx(want, rel=1e-5)
+    assert all(np.array_equal(src.constant(n).numpy(), v) for n, v in before.items())
+    # 4-bit costs more output error than 8-bit for every tensor
+    assert all(a.options[Candidate(4, None)][1] > a.options[Candidate(8, None)][1] for a in mp.assignment)
