@@ -1,7 +1,7 @@
 """The ``mixed-precision`` pass: choose a bit width per weight tensor under a size budget, then quantize.
 
 ``mixed-precision{budget=4.25, candidates="8,4g32,4g128,4", symmetric=true, tables=true, windows=2, report=false,
-rounding=rtn|gptq, clip=minmax|mse, damp=0.01, sensitivity=layer|output}``
+rounding=rtn|gptq, clip=minmax|mse, damp=0.01, sensitivity=layer|output, probe=1}``
 
 The default candidates leave out 2-bit: on SmolLM2 the combined pipeline
 ``calibrate,vocab-share,mixed-precision{budget=4.25},quantize,fold-scales,dce`` reached ppl 1703 with
@@ -38,7 +38,7 @@ all-MiniLM-L6-v2 (``bench/ort_minilm.py --small``) ``rounding=gptq,clip=mse`` is
 cosine 0.90 towards 0.95.
 
 **End-to-end sensitivity** (``sensitivity=output``): instead of each layer's own output error, run the calibrated
-function on the first ``windows`` feeds with ONE tensor replaced by its dequantized candidate and take the mean
+function on the first ``probe`` feeds with ONE tensor replaced by its dequantized candidate and take the mean
 squared error of the function's outputs against the float run -- ``tensors x candidates`` extra runs of the
 interpreter. Errors grow differently through the network (on all-MiniLM-L6-v2 a 4-bit value projection costs 40x
 more sentence cosine in layer 5 than in layer 0 at a similar layer-output error), which the layer proxy cannot see;
@@ -239,6 +239,7 @@ class MixedPrecision(Pass):
     clip: Literal["minmax", "mse"] = "minmax"
     damp: float = 0.01
     sensitivity: Literal["layer", "output"] = "layer"
+    probe: int = 1
 
     def run(self, module: Module) -> None:
         self.assign(module, self.measure(module))
@@ -263,7 +264,7 @@ class MixedPrecision(Pass):
         func = calibration_function(module, self.context.function)
         options: dict[str, dict[Candidate, tuple[int, float]]] = {}
         probe = _OutputProbe(module, func, list(self.context.batches("mixed-precision{sensitivity=output}"))[
-            : max(self.windows, 1)]) if self.sensitivity == "output" else None
+            : max(self.probe, 1)]) if self.sensitivity == "output" else None
         from qir.tools.progress import progress
 
         for wname, ulist in progress(uses.items(), "mixed-precision: sensitivity"):
