@@ -232,7 +232,8 @@ def test_output_sensitivity_is_the_function_output_error() -> None:
     src = tiny_lm(5)
     ctx = PassContext(calibration=feeds(2))
     before = {n: c.numpy().copy() for n, c in src.constants.items()}
-    out, mp = run_mp('mixed-precision{budget=6,candidates="8,4",windows=2,sensitivity=output,probe=2}', src.clone(), ctx)
+    pipe = 'mixed-precision{budget=6,candidates="8,4",windows=2,sensitivity=output,probe=2}'
+    out, mp = run_mp(pipe, src.clone(), ctx)
     qir.verify(out)
     for name in ("layer.down_proj.weight", "embed"):
         a = next(a for a in mp.assignment if a.weight == name)
