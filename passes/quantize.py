@@ -1,7 +1,7 @@
 """The ``quantize`` pass: ``linear`` and ``embedding`` ops on constant weights become ``qmatmul`` / ``qembedding``.
 
-``quantize{scheme=w8a8|w8a16|w4a16|w4a8, act=dynamic|static, group=0, symmetric=true, rounding=rtn|gptq,
-embedding=i8|i4|none, head=i8|i4|none, overrides="", damp=0.01, block=128, keep_calib=false}``
+``quantize{scheme=w8a8|w8a16|w4a16|w4a8, act=dynamic|static, group=0, symmetric=true, zero=int|float,
+rounding=rtn|gptq, embedding=i8|i4|none, head=i8|i4|none, overrides="", damp=0.01, block=128, keep_calib=false}``
 
 Schemes (weights ``[N, K]``; ``group=0``: one scale per output row, ``axis=0``; ``group=g``: one scale
 per ``g`` input columns, ``axis=1, group=g`` -- when ``g`` does not divide ``K`` the last group is
@@ -19,7 +19,14 @@ short and qir pads it, e.g. g128 on K=576 gives 5 groups, the last of 64 columns
 ``w4a8``   i4 weights (per group or per channel) with i8 activations (dynamic per token by default).
 
 With ``symmetric=false`` weights are asymmetric: u8 / u4 codes plus a zero-point constant ``@<w>.zp``
-(stored in i8/u8). Scales are stored as **f32** (``@<w>.scale``; simple and exact). The quantized
+(stored in i8/u8). Scales are stored as **f32** (``@<w>.scale``; simple and exact).
+``zero=float`` (weight-only schemes, ``group > 0``) stores a float **minimum** per group instead of an integer zero
+point -- llama.cpp's ``Q4_1`` blocks: ``u4[..] q(axis=1, group=32, scale=@<w>.scale, offset=@<w>.min)``,
+``w ~ scale*q + min`` over the group's own range, not widened to contain 0 (an integer zero point must lie on
+the code grid, which costs a whole code step on one-signed groups). On SmolLM2-135M, whose weights come from a
+Q4_1 file, ``w4a16`` with ``group=32,zero=float`` finds the file's own blocks again (lossless at 4 bits plus the
+parameters); ``compress-scales`` then shrinks those parameters. The per-row head/embedding keep ``head`` /
+``embedding``'s integer formats. The quantized
 constant KEEPS the float weight's name (``@model.layers.0.mlp.up_proj.weight`` is now ``i4[...]``),
 so ``qir diff`` shows a type change, not a rename; only when the float tensor must stay too (another
 op still reads it) is the quantized copy named ``@<w>.q``.
@@ -129,10 +136,11 @@ class WeightFormat:
     axis: int | None
     group: int | None
     symmetric: bool
+    minimum: bool = False  # a float minimum per group (spec offset) instead of an integer zero point
 
     def describe(self) -> str:
         gran = "per tensor" if self.axis is None else "per row" if self.group is None else f"groups of {self.group}"
-        return f"{self.dtype} {gran}"
+        return f"{self.dtype} {gran}" + (" with a float minimum" if self.minimum else "")
 
 
 @dataclass
@@ -173,8 +181,12 @@ def streamed_params(wname: str, source: object, shape: tuple[int, ...], fmt: Wei
     zps: list[np.ndarray] = []
     for r0, r1 in _row_blocks(shape):
         try:
-            _, scale, zp = quant.choose_params(_read_rows(source, r0, r1), fmt.dtype, symmetric=fmt.symmetric,
-                                               **_rtn_args(fmt))  # type: ignore[arg-type]
+            if fmt.minimum:
+                _, scale, zp = rtn_quantize(_read_rows(source, r0, r1), fmt.dtype, group=fmt.group, symmetric=False,
+                                            minimum=True)
+            else:
+                _, scale, zp = quant.choose_params(_read_rows(source, r0, r1), fmt.dtype, symmetric=fmt.symmetric,
+                                                   **_rtn_args(fmt))  # type: ignore[arg-type]
         except QirError as exc:
             raise QirError(f"quantize: weight @{wname}, rows {r0}..{r1 - 1}: {exc}") from None
         scales.append(scale)
@@ -206,7 +218,12 @@ class LazyCodes:
         out = np.empty(self.shape, dtype=d.numpy)
         for r0, r1 in _row_blocks(self.shape):
             zp = None if self.zp is None else self.zp[r0:r1]
-            out[r0:r1] = quant.quantize_spec(_read_rows(self.source, r0, r1), spec, d, self.scale[r0:r1], zp).codes
+            rows = _read_rows(self.source, r0, r1)
+            if self.fmt.minimum:
+                assert zp is not None
+                out[r0:r1] = rtn_quantize(rows, d, group=self.fmt.group, symmetric=False, minimum=True)[0]
+            else:
+                out[r0:r1] = quant.quantize_spec(rows, spec, d, self.scale[r0:r1], zp).codes
         return out
 
     def __repr__(self) -> str:
@@ -252,6 +269,7 @@ class Quantize(Pass):
     act: Literal["dynamic", "static"] = "dynamic"
     group: int = 0
     symmetric: bool = True
+    zero: Literal["int", "float"] = "int"
     rounding: Literal["rtn", "gptq"] = "rtn"
     embedding: Literal["i8", "i4", "none"] = "i8"
     head: Literal["i8", "i4", "none"] = "i8"
@@ -266,6 +284,8 @@ class Quantize(Pass):
         if per_tensor:
             return WeightFormat(f"{signed}{bits}", None, None, self.symmetric)
         group = None if per_row or self.group == 0 else self.group
+        if group is not None and self.zero == "float":
+            return WeightFormat(f"u{bits}", 1, group, False, minimum=True)
         return WeightFormat(f"{signed}{bits}", 0 if group is None else 1, group, self.symmetric)
 
     def _override(self, weight: str) -> str | None:
@@ -285,6 +305,10 @@ class Quantize(Pass):
             return self._format(int(self.head[1:]), per_row=True), "float"
         scheme = override or self.scheme
         bits, act8 = SCHEMES[scheme.removesuffix(PER_TENSOR)]
+        if act8 and self.zero == "float":
+            raise QirError(f"quantize: zero=float (a float minimum per group) is for weight-only schemes; @{weight} "
+                           f"gets {scheme}, whose integer matmul needs an integer zero point: use zero=int, or "
+                           "w8a16/w4a16 for this weight")
         return self._format(bits, per_tensor=scheme.endswith(PER_TENSOR)), (self.act if act8 else "float")
 
     def _embedding_choice(self, weight: str) -> WeightFormat | None:
@@ -302,6 +326,9 @@ class Quantize(Pass):
     def run(self, module: Module) -> None:
         if self.group < 0:
             raise QirError(f"quantize: group must be >= 0 (0 = per output channel), got {self.group}")
+        if self.zero == "float" and self.group == 0:
+            raise QirError("quantize: zero=float stores one float minimum per group of inputs; give a group size "
+                           "(e.g. group=32), or use zero=int for one zero point per output row")
         # Per-run state (not options): the parsed overrides and, per weight, (codes name, final name).
         self._rules: list[tuple[str, str]] = parse_overrides(self.overrides)
         self._pending: dict[str, tuple[str, str]] = {}
@@ -483,15 +510,25 @@ class Quantize(Pass):
             try:
                 if hessian is not None:
                     codes, scale, zp = gptq_quantize(w, hessian, d, group=fmt.group, symmetric=fmt.symmetric,
-                                                     damp=self.damp, block=self.block)
+                                                     damp=self.damp, block=self.block, minimum=fmt.minimum)
                 else:
-                    codes, scale, zp = rtn_quantize(w, d, group=fmt.group, symmetric=fmt.symmetric)
+                    codes, scale, zp = rtn_quantize(w, d, group=fmt.group, symmetric=fmt.symmetric,
+                                                    minimum=fmt.minimum)
             except QirError as exc:
                 raise QirError(f"quantize: weight @{wname} {c.type}: {exc}{_nonfinite_hint(w)}") from None
         keeps_float = any(u.fmt is None for u in ulist)
         final = module.fresh_constant_name(f"{wname}.q") if keeps_float else wname
         qname = module.fresh_constant_name(f"{wname}.q")
         sname = module.fresh_constant_name(f"{final}.scale")
+        if fmt.minimum:  # the third array is the float minimum: the spec's offset, no zero point
+            assert zp is not None and fmt.group is not None
+            mname = module.fresh_constant_name(f"{final}.min")
+            spec = QuantSpec(axis=1, group_size=fmt.group, scale=sname, offset=mname)
+            module.add_constant(qname, codes, type=TensorType.of(d, shape, spec), after=wname)
+            module.add_constant(sname, np.asarray(scale, dtype=np.float32), after=qname)
+            module.add_constant(mname, np.asarray(zp, dtype=np.float32), after=sname)
+            self._pending[wname] = (qname, final)
+            return
         zname = module.fresh_constant_name(f"{final}.zp") if zp is not None else None
         if fmt.group is None:
             spec = QuantSpec.per_axis(0, sname, zname)
