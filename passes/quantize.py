@@ -1,7 +1,7 @@
 """The ``quantize`` pass: ``linear`` and ``embedding`` ops on constant weights become ``qmatmul`` / ``qembedding``.
 
 ``quantize{scheme=w8a8|w8a16|w4a16|w4a8, act=dynamic|static, group=0, symmetric=true, zero=int|float,
-rounding=rtn|gptq, embedding=i8|i4|none, head=i8|i4|none, overrides="", damp=0.01, block=128, keep_calib=false}``
+rounding=rtn|gptq, embedding=i8, head=i8, overrides="", damp=0.01, block=128, keep_calib=false}``
 
 Schemes (weights ``[N, K]``; ``group=0``: one scale per output row, ``axis=0``; ``group=g``: one scale
 per ``g`` input columns, ``axis=1, group=g`` -- when ``g`` does not divide ``K`` the last group is
@@ -37,7 +37,9 @@ inserted before its first quantized user.
 Embeddings and the head: an ``embedding`` op whose table is a constant becomes ``qembedding`` with the
 table quantized per row (``axis=0``) as ``embedding`` says. The output head -- a ``linear`` whose weight
 is also an embedding table (tied), or, untied, a ``linear`` whose result is returned and whose output
-size equals an embedding table's vocabulary -- is quantized per row as ``head`` says, weight-only. A
+size equals an embedding table's vocabulary -- is quantized per row as ``head`` says, weight-only.
+``embedding`` / ``head`` take ``i8``, ``i4``, ``i2`` (one scale per row), the same with a group suffix --
+``i4g32``: one scale (with ``zero=float``, also one minimum) per 32 columns -- or ``none``. A
 tied table is ONE quantized constant used by both ``qembedding`` and ``qmatmul``; tied ``embedding``
 and ``head`` must then agree (or one of them be ``none``, which keeps the float table for that user
 and gives the other a quantized copy ``@<w>.q``).
@@ -91,6 +93,7 @@ line is ``%x.q = quantize %x : u8[1,seq,4] q(scale=0.019607844, zp=102)`` (scale
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -230,6 +233,17 @@ class LazyCodes:
         return f"<LazyCodes {self.fmt.describe()} {list(self.shape)}>"
 
 
+def _table_format(option: str, text: str) -> tuple[int, int | None] | None:
+    """``embedding=`` / ``head=``: ``none``, ``i8``/``i4``/``i2`` per row, or ``i4g32`` in groups of 32 inputs."""
+    if text == "none":
+        return None
+    m = re.fullmatch(r"[iu]?([248])(?:g([1-9][0-9]*))?", text)
+    if m is None:
+        raise QirError(f"quantize: {option}={text!r}; use none, i8, i4 or i2 (one scale per row) or a group size "
+                       "suffix such as i4g32 (one scale per 32 columns)")
+    return int(m.group(1)), None if m.group(2) is None else int(m.group(2))
+
+
 def parse_overrides(text: str) -> list[tuple[str, str]]:
     """``"pat=scheme;pat2=none"`` as ``[(pattern, scheme_or_none), ...]`` (order kept: the last match wins)."""
     rules: list[tuple[str, str]] = []
@@ -271,12 +285,17 @@ class Quantize(Pass):
     symmetric: bool = True
     zero: Literal["int", "float"] = "int"
     rounding: Literal["rtn", "gptq"] = "rtn"
-    embedding: Literal["i8", "i4", "none"] = "i8"
-    head: Literal["i8", "i4", "none"] = "i8"
+    embedding: str = "i8"
+    head: str = "i8"
     overrides: str = ""
     damp: float = 0.01
     block: int = 128
     keep_calib: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked when the pipeline is parsed, before anything runs.
+        _table_format("embedding", self.embedding)
+        _table_format("head", self.head)
 
     # -- choices ------------------------------------------------------------------------------------------
     def _format(self, bits: int, *, per_row: bool = False, per_tensor: bool = False) -> WeightFormat:
@@ -300,9 +319,10 @@ class Quantize(Pass):
         if override == "none":
             return None, "float"
         if override is None and is_head:
-            if self.head == "none":
+            table = _table_format("head", self.head)
+            if table is None:
                 return None, "float"
-            return self._format(int(self.head[1:]), per_row=True), "float"
+            return self._table(*table), "float"
         scheme = override or self.scheme
         bits, act8 = SCHEMES[scheme.removesuffix(PER_TENSOR)]
         if act8 and self.zero == "float":
@@ -318,9 +338,17 @@ class Quantize(Pass):
         if override is not None:
             return self._format(SCHEMES[override.removesuffix(PER_TENSOR)][0], per_row=True,
                                 per_tensor=override.endswith(PER_TENSOR))
-        if self.embedding == "none":
-            return None
-        return self._format(int(self.embedding[1:]), per_row=True)
+        table = _table_format("embedding", self.embedding)
+        return None if table is None else self._table(*table)
+
+    def _table(self, bits: int, group: int | None) -> WeightFormat:
+        """An embedding table's / head's format: per row, or in groups along the row (``i4g32``)."""
+        if group is None:
+            return self._format(bits, per_row=True)
+        if self.zero == "float":
+            return WeightFormat(f"u{bits}", 1, group, False, minimum=True)
+        signed = "i" if self.symmetric else "u"
+        return WeightFormat(f"{signed}{bits}", 1, group, self.symmetric)
 
     # -- the pass -------------------------------------------------------------------------------------------
     def run(self, module: Module) -> None:

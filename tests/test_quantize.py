@@ -96,6 +96,8 @@ def test_quantize_golden(scheme: str) -> None:
     ("quantize{scheme=w4a16,group=16,rounding=gptq}", 0.10),
     ("quantize{scheme=w4a16,group=16,zero=float}", 0.10),
     ("quantize{scheme=w4a16,group=16,zero=float,rounding=gptq}", 0.10),
+    ("quantize{scheme=w4a16,group=16,zero=float,embedding=i4g16,head=i4g16}", 0.15),
+    ("quantize{scheme=w8a16,embedding=i4g16,head=i4g16}", 0.15),
 ])
 def test_schemes_verify_and_stay_close(pipeline: str, bound: float) -> None:
     m = tiny_lm()
@@ -358,3 +360,11 @@ def test_zero_float_refuses_what_it_cannot_express() -> None:
         run_pipeline(tiny_lm(), "quantize{scheme=w8a8,group=16,zero=float}")
     with pytest.raises(QirError, match="unsigned codes"):
         rtn_quantize(np.ones((2, 32), np.float32), "i4", group=32, symmetric=False, minimum=True)
+
+
+def test_table_formats_take_groups_and_bad_ones_fail_before_running() -> None:
+    out = run_pipeline(tiny_lm(), "quantize{scheme=w4a16,group=16,zero=float,embedding=i4g16,head=i4g16}")
+    t = out.constants["embed"].type
+    assert (t.dtype.name, t.quant.axis, t.quant.group_size, t.quant.offset) == ("u4", 1, 16, "embed.min")
+    with pytest.raises(QirError, match="i4g32"):
+        parse_pipeline("quantize{embedding=i3}")
