@@ -161,6 +161,10 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
         _export(built, tmp / LIBRARY, cc)
         built.seconds["export"] = time.perf_counter() - t0
         _save_params(built.lowered.params, tmp / PARAMS)
+        # What `qir debug compare` needs to rebuild this Relax module with intermediates as outputs (small).
+        from qir.backends.tvm.debug_build import write_debug_inputs
+
+        debug = write_debug_inputs(module, built.lowered, built.target, use_kernels, tmp)
         lw = built.lowered
         funcs: dict[str, Any] = {}
         for fname, sig in lw.signatures.items():
@@ -183,7 +187,7 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
             "functions": funcs, "fallbacks": [], "warnings": [], "notes": [],
             "kernels": dict(sorted(lw.kernels.items())),
             "compile_seconds": {k: round(v, 2) for k, v in built.seconds.items()},
-            "tvm_target": str(built.target.kind.name), **(meta or {}),
+            "tvm_target": str(built.target.kind.name), "debug": debug, **(meta or {}),
         }
         (tmp / "target.json").write_text(json.dumps(tgt_json, indent=2, default=str) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
