@@ -1,6 +1,7 @@
-"""``qir debug compare`` against ``tvm-llvm`` artifacts (:mod:`qir.debug.tvm_source`, :mod:`qir.backends.tvm.debug_build`).
+"""``qir debug compare`` against ``tvm-llvm`` artifacts (:mod:`qir.debug.tvm_source`,
+:mod:`qir.backends.tvm.debug_build`).
 
-A tiny w8a8 model (dynamic int8 activations: integer codes, a float matmul and a residual) is compiled for
+A tiny w8a8 model (a residual MLP stack with dynamic int8 activations: integer codes) is compiled for
 ``tvm-llvm`` and compared with its ``.qir`` on the interpreter: every value the artifact names is matched, the
 codes bit for bit. The slow test does the issue's MiniLM case (float ``.qir`` vs its ``tvm-llvm`` artifact).
 """
@@ -31,7 +32,7 @@ D = 32
 
 
 def tiny(n_layers: int = 2) -> qir.Module:
-    """``x -> n x (x + down(silu(up(x))))`` plus an integer side path (``arange`` and a cast)."""
+    """``x -> n x (x + down(silu(up(x))))`` (quantized by the tests: every linear reads int8 codes)."""
     rng = np.random.default_rng(0)
     m = qir.Module("tiny")
     f = m.add_function("main")
@@ -154,7 +155,7 @@ def test_an_artifact_that_cannot_be_rebuilt_is_refused(w8a8_artifact: tuple[qir.
     text = (changed / "module.qir").read_text()
     (changed / "module.qir").write_text(text.replace("silu", "gelu", 1))
     with pytest.raises(qir.errors.QirError, match="another Relax module"):
-        DebugBuild(changed).lowered
+        _ = DebugBuild(changed).lowered
 
 
 @pytest.mark.slow
