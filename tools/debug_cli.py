@@ -112,8 +112,8 @@ def add_debug_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--top", type=int, default=15, help="rows of the ranked table (default 15)")
     c.add_argument("--all", action="store_true", help="list every matched tensor in graph order")
     c.add_argument("--chunk", type=int, default=64,
-                   help="artifact tensors fetched per ONNX Runtime run, or per TVM debug build (one compile each; "
-                        "default 64)")
+                   help="artifact tensors fetched per ONNX Runtime run, or per piece of a TVM debug build "
+                        "(default 64)")
     c.add_argument("--memory-mb", type=int, default=512,
                    help="A's tensors waiting for B's stay in memory up to this, then spill to disk (default 512)")
     c.set_defaults(func=cmd_compare)

@@ -13,18 +13,23 @@ what it takes to rebuild exactly that:
   scheduled kernels were used, and the structural hash of the Relax module.
 
 :class:`DebugBuild` reads the module back (:func:`artifact_module`), lowers it again with the same target and
-kernels, refuses if the Relax module's hash differs from the recorded one (another qir or TVM version would
-debug something other than the artifact), and for a list of value names compiles a copy of the function whose
-dataflow block ends by returning those bindings (:meth:`DebugBuild.fetch`). Returning a binding makes it a
-fusion-group output, so the tensors are the ones the artifact's kernels compute; fusion may split differently
-around them, which can move float results by rounding but never integer codes computed from equal inputs. Each
-list of names costs one compile (cached per list), so callers fetch in chunks to bound memory.
+kernels, and refuses if the Relax module's hash differs from the recorded one (another qir or TVM version would
+debug something other than the artifact). For a list of value names (:meth:`DebugBuild.stream`) it cuts the
+function's dataflow block into pieces of ``chunk`` wanted bindings each; piece ``k`` is a Relax function that
+takes the weights, the inputs and the earlier bindings it reads, and returns its wanted bindings plus those later
+pieces read. All pieces are compiled in one module (one compile, cached) and run one after the other, so memory
+holds one chunk plus the values that cross a cut (the residual stream), never every intermediate.
+
+Returning a binding makes it a fusion-group output, so the tensors are the ones the artifact's kernels compute;
+fusion may split differently around them, which can move float results by rounding (on MiniLM the final outputs
+came out bit-identical to ``model.so``'s) but never integer codes computed from equal inputs.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +178,24 @@ def _debug_info(folder: Path) -> dict[str, Any]:
     return info
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """One compiled piece of a debug build: its Relax function, what it returns, what it reads from before."""
+
+    name: str
+    wanted: list[str]     # qir names of the bindings handed to the sink, first in the output tuple
+    reads: list[str]      # Relax names of earlier pieces' bindings, passed after the function's parameters
+    keeps: list[str]      # Relax names of bindings later pieces read, after ``wanted`` in the output tuple
+    last_read: list[str]  # Relax names no later piece reads: dropped after this piece
+
+
+@dataclass
+class _Plan:
+    function: str
+    pieces: list[_Piece] = field(default_factory=list)
+    mod: Any = None
+
+
 class DebugBuild:
     """Rebuilds a TVM artifact's Relax module and compiles variants that return chosen bindings by qir name."""
 
@@ -191,8 +214,8 @@ class DebugBuild:
         self.module = artifact_module(self.folder, self.info)
         self._lowered: Any = None
         self._params: dict[str, Any] | None = None
-        self._executables: dict[tuple[str, tuple[str, ...]], Any] = {}
-        self.compiles = 0  # debug variants compiled so far (one per distinct list of names)
+        self._executables: dict[tuple[str, tuple[str, ...], int], tuple[_Plan, Any]] = {}
+        self.compiles = 0  # debug modules compiled so far (one per distinct list of names and chunk)
 
     @property
     def lowered(self) -> Any:
@@ -222,10 +245,16 @@ class DebugBuild:
             self._params = {k: tvm.runtime.tensor(v) for k, v in load_file(str(self.folder / PARAMS)).items()}
         return [self._params[p] for p in self.report["functions"][fname]["params"]]
 
-    def _debug_module(self, fname: str, names: Sequence[str]) -> Any:
-        """The lowered module with only ``fname``, which returns the bindings of ``names`` (a tuple, in order)."""
+    def _segments(self, fname: str, names: Sequence[str], chunk: int) -> _Plan:
+        """Cut the function's bindings after every ``chunk``-th wanted one; one Relax function per piece.
+
+        Piece ``k`` takes the function's parameters plus the bindings of earlier pieces that it reads (as new
+        parameters, re-bound to their old variables first, so no expression is rewritten) and returns its wanted
+        bindings, then the ones later pieces read. All pieces go into one module: one compile however many chunks.
+        """
         import tvm
         from tvm import relax
+        from tvm.relax.utils import copy_with_new_vars
 
         lw = self.lowered
         gv = lw.mod.get_global_var(fname)
@@ -234,37 +263,91 @@ class DebugBuild:
         if len(blocks) != 1 or not isinstance(blocks[0], relax.DataflowBlock):
             raise DebugBuildError(f"@{fname}: expected one dataflow block in the lowered function, got "
                                   f"{[type(b).__name__ for b in blocks]}")
-        bound = {b.var.name: b.var for b in blocks[0].bindings}
+        bindings = list(blocks[0].bindings)
+        index = {b.var.name: i for i, b in enumerate(bindings)}
         relax_names = lw.names[fname]
-        wanted = []
+        positions = []
         for n in names:
-            var = bound.get(relax_names.get(n, ""))
-            if var is None:
+            i = index.get(relax_names.get(n, ""))
+            if i is None:
                 raise DebugBuildError(f"@{fname}: {n!r} is not a binding of the lowered function")
-            wanted.append(var)
-        out = relax.Var("qir_debug_outputs", relax.TupleType([v.ty for v in wanted]))
-        block = relax.DataflowBlock(list(blocks[0].bindings) + [relax.VarBinding(out, relax.Tuple(wanted))])
-        dbg = relax.Function(func.params, relax.SeqExpr([block], out), ret_ty=out.ty, is_pure=func.is_pure,
-                             attrs=func.attrs)
-        keep = {g: f for g, f in lw.mod.functions.items() if not isinstance(f, relax.Function)}
-        keep[gv] = dbg
-        return tvm.IRModule(keep, attrs=lw.mod.attrs)
+            positions.append(i)
+        order = sorted(range(len(names)), key=lambda j: positions[j])
+        cuts: list[tuple[int, int, list[str]]] = []  # (first binding, end, wanted names) per piece
+        begin = 0
+        for c in range(0, len(order), chunk):
+            part = order[c:c + chunk]
+            end = positions[part[-1]] + 1
+            cuts.append((begin, end, [names[j] for j in part]))
+            begin = end
+        piece_of = [0] * len(bindings)
+        for k, (b0, b1, _) in enumerate(cuts):
+            for i in range(b0, b1):
+                piece_of[i] = k
+        reads: list[list[Any]] = [[] for _ in cuts]  # per piece: earlier pieces' variables it reads
+        read_by: dict[str, int] = {}  # variable name -> last piece reading it
+        for k, (b0, b1, _) in enumerate(cuts):
+            seen: set[str] = set()
+            for i in range(b0, b1):
+                for v in relax.analysis.free_vars(bindings[i].value):
+                    j = index.get(v.name)
+                    if j is not None and j < b0 and v.name not in seen and v.same_as(bindings[j].var):
+                        seen.add(v.name)
+                        reads[k].append(v)
+                        read_by[v.name] = max(read_by.get(v.name, k), k)
+        module_funcs = {g: f for g, f in lw.mod.functions.items() if not isinstance(f, relax.Function)}
+        plan = _Plan(fname, [])
+        for k, (b0, b1, wanted) in enumerate(cuts):
+            keep = [bindings[i].var for i in range(b0, b1) if read_by.get(bindings[i].var.name, -1) > k]
+            outs = [bindings[index[relax_names[n]]].var for n in wanted] + keep
+            out = relax.Var("qir_debug_outputs", relax.TupleType([v.ty for v in outs]))
+            params = [relax.Var(v.name, v.ty) for v in reads[k]]
+            body = ([relax.VarBinding(v, p) for v, p in zip(reads[k], params)] + bindings[b0:b1]
+                    + [relax.VarBinding(out, relax.Tuple(outs))])
+            name = f"{fname}__debug{k}"
+            piece = relax.Function(list(func.params) + params, relax.SeqExpr([relax.DataflowBlock(body)], out),
+                                   ret_ty=out.ty, is_pure=func.is_pure, attrs=func.attrs)
+            piece = copy_with_new_vars(piece.with_attr("global_symbol", name))
+            module_funcs[relax.GlobalVar(name)] = piece
+            plan.pieces.append(_Piece(name, wanted, [v.name for v in reads[k]], [v.name for v in keep],
+                                      [n for n, last in read_by.items() if last == k]))
+        plan.mod = tvm.IRModule(module_funcs, attrs=lw.mod.attrs)
+        return plan
 
-    def fetch(self, fname: str, feed: dict[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
-        """Run ``fname`` on ``feed`` and return the tensors of ``names`` (bindings of the lowered function)."""
+    def stream(self, fname: str, feed: dict[str, np.ndarray], names: Sequence[str],
+               sink: Callable[[str, np.ndarray], None], *, chunk: int = 64) -> None:
+        """Run ``fname`` on ``feed``; ``sink(name, array)`` for each of ``names`` (``chunk`` at a time).
+
+        Between pieces only the bindings later pieces read stay alive (as TVM tensors); the module with every
+        piece is compiled once per (``names``, ``chunk``) and kept.
+        """
         import tvm
         from tvm import relax
 
         from qir.backends.tvm.schedule import pipeline
 
-        key = (fname, tuple(names))
-        ex = self._executables.get(key)
-        if ex is None:
-            ex = tvm.compile(self._debug_module(fname, names), target=self.target,
-                             relax_pipeline=pipeline(self.target))
-            self._executables[key] = ex
+        if not names:
+            return
+        key = (fname, tuple(names), int(chunk))
+        built = self._executables.get(key)
+        if built is None:
+            plan = self._segments(fname, names, max(1, int(chunk)))
+            ex = tvm.compile(plan.mod, target=self.target, relax_pipeline=pipeline(self.target))
+            plan.mod = None  # the executable is all that is needed from here on
+            built = (plan, ex)
+            self._executables[key] = built
             self.compiles += 1
+        plan, ex = built
         vm = relax.VirtualMachine(ex, tvm.cpu())
-        inputs = [tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in self.report["functions"][fname]["inputs"]]
-        out = vm[fname](*inputs, *self._param_tensors(fname))
-        return [out[i].numpy() for i in range(len(names))]
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in self.report["functions"][fname]["inputs"]]
+        args += self._param_tensors(fname)
+        live: dict[str, Any] = {}
+        for piece in plan.pieces:
+            out = vm[piece.name](*args, *[live[n] for n in piece.reads])
+            for i, n in enumerate(piece.wanted):
+                sink(n, out[i].numpy())
+            for i, n in enumerate(piece.keeps):
+                live[n] = out[len(piece.wanted) + i]
+            del out
+            for n in piece.last_read:
+                live.pop(n, None)

@@ -2,10 +2,10 @@
 
 ``model.so`` fuses ops, so its intermediates cannot be read; instead the artifact's own module is rebuilt
 (:class:`qir.backends.tvm.debug_build.DebugBuild`: ``module.qir`` + ``params.safetensors``, lowered again for the
-recorded target and checked against the recorded Relax hash) and compiled in variants that return ``chunk`` wanted
-bindings each; the weights are the artifact's ``params.safetensors``. The values the artifact computes are the qir
-values its lowering emitted under a name (``report.json`` ``functions.<f>.names``); a quantized value is handed
-over as its integer codes, which the comparison reads with the other side's scale.
+recorded target and checked against the recorded Relax hash) and compiled once, cut into pieces that each return
+``chunk`` wanted bindings; the weights are the artifact's ``params.safetensors``. The values the artifact computes
+are the qir values its lowering emitted under a name (``report.json`` ``functions.<f>.names``); a quantized value
+is handed over as its integer codes, which the comparison reads with the other side's scale.
 """
 
 from __future__ import annotations
@@ -66,10 +66,4 @@ class TvmSource:
         for n in names:
             if n in inputs:
                 sink(n, np.asarray(feed[n]))
-        rest = [n for n in names if n not in inputs]
-        for start in range(0, len(rest), self.chunk):
-            part = rest[start:start + self.chunk]
-            values = self.build.fetch(self.function, feed, part)
-            for n, v in zip(part, values):
-                sink(n, v)
-            del values
+        self.build.stream(self.function, feed, [n for n in names if n not in inputs], sink, chunk=self.chunk)
