@@ -123,7 +123,7 @@ def _accounting(acc: dict[str, Any] | None) -> list[str]:
     better = "lower" if acc.get("lower_is_better") else "higher"
 
     def num(x: float | None) -> str:
-        return "-" if x is None else f"{x:.4f}"
+        return "-" if x is None else f"{x:.6g}"
 
     parts = ["<h2>Per-pass accounting</h2>",
              f"<p>{html.escape(str(acc.get('metric')))} ({better} is better) after each pass that changes numerics: "
