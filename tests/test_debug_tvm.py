@@ -176,3 +176,18 @@ def test_minilm_float_against_its_tvm_artifact(tmp_path: Path) -> None:
     ints = r.integer_tensors
     assert len(ints) > 20 and all(t.exact for t in ints)
     assert min(t.sqnr_db for t in r.tensors) > 90
+
+
+def test_cli_compile_for_tvm_writes_report_html(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qir.serialize import save
+    from qir.tools.cli import main
+
+    save(tiny(1), tmp_path / "t.qir")
+    out = tmp_path / "art"
+    assert main(["compile", str(tmp_path / "t.qir"), "--target", "tvm-llvm", "-o", str(out), "-q"]) == 0
+    assert f"{out / 'report.html'}" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["params"] == 2 * 2 * D * D and report["debug"]["module"] == "module.qir"
+    assert "not measured" in report["quality_note"]
+    page = (out / "report.html").read_text()
+    assert '<table id="layers">' in page and (out / "layer_bits.png").is_file()
