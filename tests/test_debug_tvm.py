@@ -159,6 +159,14 @@ def test_an_artifact_that_cannot_be_rebuilt_is_refused(w8a8_artifact: tuple[qir.
     (changed / "module.qir").write_text(text.replace("silu", "gelu", 1))
     with pytest.raises(qir.errors.QirError, match="another Relax module"):
         _ = DebugBuild(changed).lowered
+    # A cross-compiled library (tvm-arm) runs on another device, not here.
+    cross = tmp_path / "cross"
+    shutil.copytree(out, cross)
+    tgt = json.loads((cross / "target.json").read_text())
+    tgt["tvm"]["cc"] = "aarch64-linux-gnu-gcc"
+    (cross / "target.json").write_text(json.dumps(tgt))
+    with pytest.raises(DebugError, match="another device"):
+        open_source(str(cross))
 
 
 @pytest.mark.slow

@@ -130,6 +130,7 @@ def write_debug_inputs(module: Module, lowered: Any, target: Any, use_kernels: b
 
         save_file(extra, str(folder / EXTRA_PARAMS))
         info["extra_params"] = EXTRA_PARAMS
+        info["extra_bytes"] = (folder / EXTRA_PARAMS).stat().st_size
     return info
 
 
@@ -197,16 +198,16 @@ class _Plan:
 
 
 class DebugBuild:
-    """Rebuilds a TVM artifact's Relax module and compiles variants that return chosen bindings by qir name."""
+    """Rebuilds a TVM artifact's Relax module and runs it in pieces that return chosen bindings by qir name."""
 
     def __init__(self, folder: str | Path) -> None:
         import tvm
 
+        from qir.backends.target import load_target
+
         self.folder = Path(folder)
         self.report: dict[str, Any] = json.loads((self.folder / "report.json").read_text())
         self.info = _debug_info(self.folder)
-        from qir.backends.target import load_target
-
         self.target = tvm.target.Target(self.info["target"])
         if self.target.kind.name != "llvm" or load_target(self.folder / "target.json").tvm_options().get("cc"):
             raise DebugBuildError(f"{folder}: a {self.report.get('target')} artifact ({self.target.kind.name}) runs "
@@ -232,6 +233,7 @@ class DebugBuild:
                 if lw.names.get(fname) != fi.get("names"):
                     raise DebugBuildError(f"{self.folder}: @{fname}: the value names of the rebuilt module differ "
                                           "from report.json's; compile the artifact again")
+            lw.params = {}  # the weights run from the artifact's own params.safetensors (_param_tensors)
             self._lowered = lw
         return self._lowered
 
