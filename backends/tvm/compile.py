@@ -181,7 +181,7 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
         tgt_json = target.to_json()
         tgt_json["tvm"] = {**tgt_json.get("tvm", {}), "resolved": built.target.export()
                            if hasattr(built.target, "export") else str(built.target)}
-        size = sum((tmp / n).stat().st_size for n in (LIBRARY, PARAMS))
+        size = sum(f.stat().st_size for f in tmp.iterdir())  # model.so, params and the debugger's module.qir
         report = {
             "module": module.name, "target": target.name, "runtime": "tvm", "bind": {},
             "bytes": size, "library_bytes": (tmp / LIBRARY).stat().st_size,

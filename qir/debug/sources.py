@@ -11,7 +11,7 @@ kept). Two implementations live here:
   names per session run (ORT returns all outputs of a run together; chunks bound the memory).
 
 * :class:`qir.debug.tvm_source.TvmSource` -- a ``tvm-*`` artifact folder: its module rebuilt so that the wanted
-  bindings are outputs (``chunk`` names per debug build).
+  bindings are outputs (one debug build, run in pieces of ``chunk`` names).
 
 A backend with another runtime plugs in with :func:`register_artifact_source` (target-name prefix -> factory
 taking the folder).
