@@ -44,7 +44,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser, *, required: bool) -> Non
     p.add_argument("--account", action="store_true",
                    help="measure the model (ppl on 1x256 tokens of the text, or encoder cosine) after each pass "
                         "that changes numerics; table on stderr, 'pass_accounting' in the report (qir.debug.account)")
-    p.add_argument("--account-text", metavar="FILE", help="text for --account (default: --calib-text)")
+    p.add_argument("--account-text", metavar="FILE", help="text for --account (default: --calib-text, else for "
+                   "causal LMs the report's perplexity text, Debian's GPL-3)")
 
 
 def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> typing.Any:
@@ -81,6 +82,10 @@ def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> ty
         from qir.debug.account import PassAccounting, bounded_metric
 
         text = args.account_text or args.calib_text
+        if text is None and imported.kind == "causal-lm":
+            from qir.tools.report import default_eval_text  # the report's perplexity text (Debian's GPL-3)
+
+            text = default_eval_text()
         args.accounting = PassAccounting(make_metric=lambda m: bounded_metric(m, imported.kind, imported.tokenizer,
                                                                               text=text))
         instruments.append(args.accounting)
