@@ -209,3 +209,20 @@ def test_property_smoothing_keeps_the_module_valid_and_exact(seed: int, alpha: f
     qir.verify(got)
     feed = feeds_h(1, seed=seed + 1)[0]
     assert rel_err(out(got, feed), out(m, feed)) < 1e-4
+
+
+def test_report_layer_errors_compare_with_the_weights_as_smoothing_left_them() -> None:
+    from test_quantize import feeds, tiny_lm
+
+    from qir.passes import FloatSnapshot, PassManager
+    from qir.tools.report import layer_rows
+
+    m = tiny_lm()
+    snap = FloatSnapshot()
+    out = PassManager("calibrate,fold-scales{smooth=0.5},quantize{scheme=w8a8}", instruments=[snap],
+                      context=PassContext(calibration=feeds(2, seq=16))).run(m)
+    against_import = {r["name"]: r["rel_error"] for r in layer_rows(m, out)}
+    against_snapshot = {r["name"]: r["rel_error"] for r in layer_rows(snap.reference(m), out)}
+    assert against_import["layer.down_proj.weight"] > 0.3  # the rescaled columns, not quantization error
+    assert all(e is not None and e < 0.02 for e in against_snapshot.values())
+    assert snap.reference(tiny_lm()) is not None

@@ -173,6 +173,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if pipeline:
         args.pipeline = pipeline
         module = pass_cli.run_pipeline_from_args(args, imported)
+        # Per-layer errors compare with the float weights as they entered quantization (smoothing rescales them).
+        float_module = args.float_snapshot.reference(float_module)
     meta: dict[str, Any] = {"source": imported.source, "kind": imported.kind, "preset": preset,
                             "pipeline": pipeline,
                             **{k: v for k, v in imported.options.items() if k == "max_seq"}}

@@ -52,6 +52,7 @@ def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> ty
     """Run ``args.pipeline`` on ``imported.module`` with the instruments and calibration the flags ask for."""
     from qir.passes import (
         DumpDir,
+        FloatSnapshot,
         PassContext,
         PassManager,
         PrintAfter,
@@ -67,7 +68,8 @@ def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> ty
         load_pass_file(f)
     load_entry_points()
     passes = parse_pipeline(args.pipeline or "")  # every name and option checked before anything runs
-    instruments = []
+    args.float_snapshot = FloatSnapshot()  # what reports compare the quantized weights with
+    instruments: list[typing.Any] = [args.float_snapshot]
     if args.print_after_all:
         instruments.append(PrintAfterAll())
     if args.print_after:
