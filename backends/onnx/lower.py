@@ -158,6 +158,7 @@ class _Lowerer:
         self.syms: dict[str, tuple[str, int, int]] = {}
         self.dim_cache: dict[str, str] = {}
         self.lit_cache: dict[tuple[Any, ...], str] = {}
+        self.helper_cache: dict[tuple[Any, ...], str] = {}
         self.uses_ms = False
         self.notes: list[str] = []
         self.fallbacks: list[str] = []
@@ -417,6 +418,20 @@ class _Lowerer:
         return op.result.name
 
     # -- elementwise ----------------------------------------------------------------------------------------
+    def op_add(self, op: Op, a: Any) -> None:
+        """``Add``, or ``Sum`` for a residual add that a ``layer_norm`` / ``rms_norm`` reads, on ORT CPU.
+
+        ORT fuses ``Add -> LayerNormalization`` (and ``-> SimplifiedLayerNormalization``) into
+        ``SkipLayerNormalization``, whose CPU kernel (1.32) is a scalar loop with a division per element and a
+        one-pass variance: measured 5x slower than the ``Add`` + ``LayerNormalization`` it replaces (8x128x384:
+        1.75 ms vs 0.35 ms, one thread). ``Sum`` of two tensors is the same float addition and ORT does not fuse it.
+        """
+        x, y = (self.val(v) for v in op.operands)
+        norm_reads = any(u.opcode in ("layer_norm", "rms_norm") and u.operands[0] is op.result
+                         for u in op.result.users())
+        kind = "Sum" if self.opts.contrib_ops and norm_reads else "Add"
+        self.set(op, self.node(kind, [x, y], self.out(op)))
+
     def op_ne(self, op: Op, a: Any) -> None:
         eq = self.node("Equal", [self.val(v) for v in op.operands], hint=self.out(op))
         self.set(op, self.node("Not", [eq], self.out(op)))
@@ -528,10 +543,22 @@ class _Lowerer:
         self._reduce(op, a, "ReduceMax")
 
     def op_attention(self, op: Op, a: Any) -> None:
+        """Scores, mask, softmax, weighted values; a boolean / causal mask is an additive finite bias.
+
+        ``Where(allowed, s, -inf)`` before the softmax and ``Where(IsNaN(p), 0, p)`` after it (the NaN of a row with
+        no key left) cost two passes over the ``[b, h, sq, sk]`` scores per layer, and a 3-input broadcasting
+        ``Where`` is one of ORT's slow CPU kernels. Instead the mask becomes one bias ``Where(allowed, 0, lowest)``
+        built once per mask (shared by every layer) and added to the scores, and a fully masked row is zeroed on
+        the ``[b, h, sq, dv]`` output by a per-row 0/1 factor (also built once). For a row with a key left this is
+        the same softmax input as the ``-inf`` form on every allowed key, and the masked keys' exponentials are 0
+        either way; a fully masked row gives 0, qir's definition (its softmax of ``s + lowest`` is finite unless
+        every score there is below about -1e31). An additive float mask (which may hold ``-inf``) keeps the NaN
+        guard.
+        """
         q, k, v = op.operands[:3]
         h = self.out(op)
         b_, hq, sq, d = q.type.shape
-        hkv = k.type.shape[1]
+        hkv, sk = k.type.shape[1], k.type.shape[2]
         np_dt = np.float32 if q.type.dtype.name != "f64" else np.float64
         kn, vn = self.val(k), self.val(v)
         if hq != hkv:
@@ -545,33 +572,67 @@ class _Lowerer:
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
         s = self.node("Mul", [s, self.lit(scale, np_dt)], hint=f"{h}::scores")
         allowed: str | None = None
-        masked = False
+        may_empty = False  # whether the boolean part can leave a row without keys
+        float_mask = False
         if len(op.operands) > 3:
             m = op.operands[3]
             if m.type.dtype.name == "bool":
                 allowed = self.val(m)
+                may_empty = True
             else:
                 s = self.node("Add", [s, self.val(m)], hint=f"{h}::scores")
-            masked = True
-        if a["causal"]:
-            sq_v = self.node("Squeeze", [self.node("Shape", [self.val(q)], hint=h, start=2, end=3)], hint=h)
-            sk_v = self.node("Squeeze", [self.node("Shape", [self.val(k)], hint=h, start=2, end=3)], hint=h)
-            zero, one = self.lit(0, np.int64), self.lit(1, np.int64)
-            rows = self.node("Range", [zero, sq_v, one], hint=h)
-            cols = self.node("Range", [zero, sk_v, one], hint=h)
-            off = self.node("Sub", [sk_v, sq_v], hint=h)
-            lim = self.node("Unsqueeze", [self.node("Add", [rows, off], hint=h), self.i64([1])], hint=h)
-            causal = self.node("LessOrEqual", [self.node("Unsqueeze", [cols, self.i64([0])], hint=h), lim],
-                               hint=f"{h}::causal")
-            allowed = causal if allowed is None else self.node("And", [allowed, causal], hint=h)
-            masked = masked or isinstance(sq, SymDim) or sq != 1
+                float_mask = True
+        # Bottom-right causal: with one query, or as many queries as keys, every row keeps a key.
+        if a["causal"] and not (sq == 1 and isinstance(sq, int)):
+            causal = self.causal_mask(sq, sk)
+            may_empty = may_empty or sq != sk
+            allowed = causal if allowed is None else self.cached(
+                ("and", allowed, causal), lambda: self.node("And", [allowed, causal], hint=f"{h}::allowed"))
         if allowed is not None:
-            s = self.node("Where", [allowed, s, self.lit(-np.inf, np_dt)], hint=f"{h}::scores")
+            s = self.node("Add", [s, self.mask_bias(allowed, np_dt, h)], hint=f"{h}::scores")
         p = self.node("Softmax", [s], hint=f"{h}::probs", axis=-1)
-        if masked:
-            # A row with no key left is NaN after Softmax; qir defines its output as 0.
+        if float_mask:
+            # A row the float mask leaves with only -inf is NaN after Softmax; qir defines its output as 0.
             p = self.node("Where", [self.node("IsNaN", [p], hint=h), self.lit(0.0, np_dt), p], hint=f"{h}::probs")
+        if allowed is not None and may_empty:
+            o = self.node("MatMul", [p, vn], hint=h)
+            self.set(op, self.node("Mul", [o, self.mask_rows(allowed, np_dt, h)], h))
+            return
         self.set(op, self.node("MatMul", [p, vn], h))
+
+    def cached(self, key: tuple[Any, ...], make: Any) -> str:
+        """A helper tensor built once per ``key`` (masks shared by every layer)."""
+        if key not in self.helper_cache:
+            self.helper_cache[key] = make()
+        return self.helper_cache[key]
+
+    def causal_mask(self, sq: Dim, sk: Dim) -> str:
+        """bool ``[sq, sk]``: key ``j`` is visible from query ``i`` when ``j <= i + (sk - sq)`` (bottom-right)."""
+        def make() -> str:
+            hint = "causal"
+            sq_v = self.node("Squeeze", [self.dim_value(sq)], hint=hint)
+            sk_v = self.node("Squeeze", [self.dim_value(sk)], hint=hint)
+            zero, one = self.lit(0, np.int64), self.lit(1, np.int64)
+            rows = self.node("Range", [zero, sq_v, one], hint=hint)
+            cols = self.node("Range", [zero, sk_v, one], hint=hint)
+            lim = self.node("Unsqueeze", [self.node("Add", [rows, self.node("Sub", [sk_v, sq_v], hint=hint)],
+                                                    hint=hint), self.i64([1])], hint=hint)
+            return self.node("LessOrEqual", [self.node("Unsqueeze", [cols, self.i64([0])], hint=hint), lim],
+                             hint="causal::allowed")
+        return self.cached(("causal", str(sq), str(sk)), make)
+
+    def mask_bias(self, allowed: str, np_dt: Any, h: str) -> str:
+        """``Where(allowed, 0, lowest)``: the additive form of a boolean mask (once per mask and dtype)."""
+        return self.cached(("bias", allowed, np.dtype(np_dt).name), lambda: self.node(
+            "Where", [allowed, self.lit(0.0, np_dt), self.lit(np.finfo(np_dt).min, np_dt)], hint=f"{allowed}::bias"))
+
+    def mask_rows(self, allowed: str, np_dt: Any, h: str) -> str:
+        """1 where a query row keeps at least one key, else 0 (``[..., sq, 1]``, once per mask and dtype)."""
+        def make() -> str:
+            to = TensorProto.DOUBLE if np.dtype(np_dt) == np.float64 else TensorProto.FLOAT
+            f = self.node("Cast", [allowed], hint=f"{allowed}::rows", to=to)
+            return self.reduce("ReduceMax", f, [-1], hint=f"{allowed}::rows")
+        return self.cached(("rows", allowed, np.dtype(np_dt).name), make)
 
     def _repeat_heads(self, x: str, rep: int, hq: int, d: Dim, hint: str) -> str:
         u = self.node("Unsqueeze", [x, self.i64([2])], hint=hint)
@@ -779,7 +840,8 @@ class _Lowerer:
         if spec.symmetric:
             amax = self.reduce("ReduceMax", self.node("Abs", [xn], hint=h), axes, hint=f"{h}::amax")
             sc = self.node("Div", [amax, self.lit(float(dt.qmax), np.float32)], hint=h)
-            sc = self.node("Where", [self.node("Greater", [amax, zero], hint=h), sc, one], hint=h)
+            # qir's scale is 1 where the group is all zeros (amax = 0); here it is `tiny` there, which gives the
+            # same codes (0) and the same dequantized values (0) in every use, two small ops fewer per site.
             scale = self.node("Max", [sc, tiny], hint=f"{h}::scale")
             blocked = self.blocked_quantize(xn, xt, scale, axes, t, out, need_codes)
             if blocked is not None:
@@ -817,8 +879,9 @@ class _Lowerer:
             return None
         u8 = None
         if self.opts.act_u8:
-            zp = self.node("Expand", [self.lit(128, np.uint8), self.node("Shape", [scale], hint=out)],
-                           hint=f"{out}::zp128")
+            # One zero-point tensor for every site whose scale has the same shape (all the [batch, seq, 1] ones).
+            zp = self.cached(("zp128", tuple(str(d) for d in xt.shape[:-1])), lambda: self.node(
+                "Expand", [self.lit(128, np.uint8), self.node("Shape", [scale], hint=out)], hint=f"{out}::zp128"))
             u8 = self.node("QuantizeLinear", [xn, scale, zp], self.fresh(f"{out}::u8"), axis=last, block_size=k)
             if not need_codes:
                 return _QInfo(u8, u8_dtype, t.quant, scale, None, u8=u8)
