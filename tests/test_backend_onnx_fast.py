@@ -1,10 +1,10 @@
 """The ONNX lowering's choices for ONNX Runtime's CPU speed keep qir's numerics.
 
 Boolean / causal attention masks are one additive finite bias per mask with fully masked rows zeroed on the output
-(no ``Where(-inf)`` + ``IsNaN`` guard per layer); residual adds read by a norm are ``Sum`` so ORT does not fuse them
-into its slow ``SkipLayerNormalization``; the per-token quantization chain has no ``Greater``/``Where`` and one
-shared zero-point tensor. Each is checked against the reference interpreter, on the rows where the shortcut could
-differ (empty rows, all-zero tokens).
+(no ``Where(-inf)`` + ``IsNaN`` guard per layer); adds read by a norm or a gelu are ``Sum`` so ORT does not fuse
+them into its slower ``SkipLayerNormalization`` / ``BiasGelu``; the per-token quantization chain has no
+``Greater``/``Where`` and one shared zero-point tensor. Each is checked against the reference interpreter, on
+the rows where the shortcut could differ (empty rows, all-zero tokens).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def test_float_mask_with_an_all_minus_inf_row_keeps_the_nan_guard() -> None:
 
 
 @pytest.mark.parametrize("contrib", [True, False])
-def test_residual_add_before_layer_norm_is_not_fused_into_skip_layer_norm(contrib: bool, tmp_path: object) -> None:
+def test_adds_before_layer_norm_and_gelu_are_not_fused_into_slower_kernels(contrib: bool, tmp_path: object) -> None:
     rng = np.random.default_rng(3)
     m = qir.Module("ln")
     g = m.add_constant("g", rng.standard_normal(16).astype(np.float32))
@@ -126,17 +126,20 @@ def test_residual_add_before_layer_norm_is_not_fused_into_skip_layer_norm(contri
     r = f.add_input("r", TensorType.of("f32", [2, "seq", 16]))
     s = f.add_op("add", [x, r], names=["s"]).result
     n = f.add_op("layer_norm", [s, g, be], {"eps": 1e-12}, names=["n"]).result
-    f.set_outputs([f.add_op("add", [n, x], names=["o"]).result])  # an add no norm reads stays Add
+    b = f.add_op("add", [n, be], names=["b"]).result
+    g_ = f.add_op("gelu", [b], names=["gl"]).result
+    f.set_outputs([g_, f.add_op("add", [n, x], names=["o"]).result])  # an add no norm or gelu reads stays Add
     lf = lower_function(m, options=LowerOptions(contrib_ops=contrib))
     onnx.checker.check_model(lf.model, full_check=True)
     kinds = {out: node.op_type for node in lf.model.graph.node for out in node.output}
-    assert kinds["s"] == ("Sum" if contrib else "Add") and kinds["o"] == "Add"
-    assert ("SkipLayerNormalization" in _optimized_ops(lf.model, tmp_path)) == (not contrib)
+    assert kinds["s"] == kinds["b"] == ("Sum" if contrib else "Add") and kinds["o"] == "Add"
+    fused = _optimized_ops(lf.model, tmp_path)
+    assert ("SkipLayerNormalization" in fused) == ("BiasGelu" in fused) == (not contrib), fused
     feeds = {"x": rng.standard_normal((2, 3, 16)).astype(np.float32),
              "r": rng.standard_normal((2, 3, 16)).astype(np.float32)}
-    (ref,) = run(m, list(feeds.values()))
-    (o,) = _ort(lf.model, feeds)
-    np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5)
+    refs = run(m, list(feeds.values()))
+    for o, ref in zip(_ort(lf.model, feeds), refs):
+        np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_per_token_quantization_of_an_all_zero_token_is_exact() -> None:

@@ -10,14 +10,17 @@ Symbolic sizes become ``dim_param`` (``seq``, ``past+1``); ops whose attributes 
 
 Float ops map one to one where ONNX has the op (``layer_norm`` -> ``LayerNormalization``, ``gelu`` -> ``Gelu``);
 ``rms_norm`` is spelled ``Pow, ReduceMean, Add, Sqrt, Div, Mul`` (the pattern ORT fuses into
-``SimplifiedLayerNormalization``); ``attention`` is decomposed (grouped-query heads expanded, bottom-right causal
-mask built with ``Range``, fully masked rows give 0 as in qir).
+``SimplifiedLayerNormalization``); ``attention`` is decomposed (grouped-query heads expanded, a boolean or
+bottom-right causal mask added as one finite bias per mask, fully masked rows give 0 as in qir). On ORT CPU
+(``contrib_ops``) an add that a norm or a gelu reads is ``Sum``, which ORT leaves unfused (its fused kernels are
+slower, see :meth:`_Lowerer.add_kind`).
 
 Quantized ops (semantics of :mod:`qir.ops.quantized` and :mod:`qir.quant`):
 
 * ``quantize`` static -> ``QuantizeLinear`` (per tensor / ``axis`` / ``block_size``); dynamic -> the explicit
-  min/max graph (``ReduceMax(Abs)``, ``Div``, ``Where``, ``Round``, ``Clip``, ``Cast``) that reproduces
-  :func:`qir.quant.quantize_dynamic` bit for bit, per tensor or per token.
+  min/max graph (``ReduceMax(Abs)``, ``Div``, ``Max``, then a blocked ``QuantizeLinear`` per token, or ``Round``,
+  ``Clip``, ``Cast``) that reproduces :func:`qir.quant.quantize_dynamic`'s codes bit for bit, per tensor or per
+  token.
 * ``dequantize`` -> ``DequantizeLinear`` (static parameters) or ``Cast, Sub, Mul`` (dynamic).
 * ``qmatmul`` with float ``x`` (weight-only): 4-bit per-group weights -> ``com.microsoft.MatMulNBits`` on
   ``ort-cpu`` (``int4="nbits"``); otherwise ``DequantizeLinear`` (axis / block_size) on the transposed codes ->
@@ -418,19 +421,25 @@ class _Lowerer:
         return op.result.name
 
     # -- elementwise ----------------------------------------------------------------------------------------
-    def op_add(self, op: Op, a: Any) -> None:
-        """``Add``, or ``Sum`` for a residual add that a ``layer_norm`` / ``rms_norm`` reads, on ORT CPU.
+    def add_kind(self, v: Value) -> str:
+        """``Add``, or ``Sum`` (the same float addition) where ORT's CPU fusion of the ``Add`` would be slower.
 
-        ORT fuses ``Add -> LayerNormalization`` (and ``-> SimplifiedLayerNormalization``) into
-        ``SkipLayerNormalization``, whose CPU kernel (1.32) is a scalar loop with a division per element and a
-        one-pass variance: measured 5x slower than the ``Add`` + ``LayerNormalization`` it replaces (8x128x384:
-        1.75 ms vs 0.35 ms, one thread). ``Sum`` of two tensors is the same float addition and ORT does not fuse it.
+        With contrib ops (ORT CPU), an add whose result a ``layer_norm`` / ``rms_norm`` normalizes or a ``gelu``
+        reads is emitted as ``Sum``, which ORT does not fuse. Measured on ORT 1.32 (MiniLM shapes, one thread):
+        ``Add -> LayerNormalization`` fuses into ``SkipLayerNormalization``, whose CPU kernel is a scalar loop with
+        a division per element and a one-pass variance, 5x slower than the pair (8x128x384: 1.75 vs 0.35 ms);
+        ``Add -> Gelu`` fuses into ``BiasGelu``, 1.3x slower than the pair (8x128x1536: 1.27 vs 1.0 ms).
         """
+        if not self.opts.contrib_ops:
+            return "Add"
+        for u in v.users():
+            if (u.opcode in ("layer_norm", "rms_norm") and u.operands[0] is v) or u.opcode == "gelu":
+                return "Sum"
+        return "Add"
+
+    def op_add(self, op: Op, a: Any) -> None:
         x, y = (self.val(v) for v in op.operands)
-        norm_reads = any(u.opcode in ("layer_norm", "rms_norm") and u.operands[0] is op.result
-                         for u in op.result.users())
-        kind = "Sum" if self.opts.contrib_ops and norm_reads else "Add"
-        self.set(op, self.node(kind, [x, y], self.out(op)))
+        self.set(op, self.node(self.add_kind(op.result), [x, y], self.out(op)))
 
     def op_ne(self, op: Op, a: Any) -> None:
         eq = self.node("Equal", [self.val(v) for v in op.operands], hint=self.out(op))
@@ -476,7 +485,7 @@ class _Lowerer:
         wt = self.transposed_float(w)
         y = self.node("MatMul", [x, wt], None if len(op.operands) > 2 else self.out(op), hint=self.out(op))
         if len(op.operands) > 2:
-            y = self.node("Add", [y, self.val(op.operands[2])], self.out(op))
+            y = self.node(self.add_kind(op.result), [y, self.val(op.operands[2])], self.out(op))
         self.set(op, y)
 
     def transposed_float(self, w: Value) -> str:
@@ -972,7 +981,7 @@ class _Lowerer:
             b = self.val(op.operands[2])
             if op.operands[2].type.dtype.name != "f32":
                 b = self.node("Cast", [b], hint=h, to=TensorProto.FLOAT)
-            y = self.node("Add", [y, b], h if out_dt.name == "f32" else None, hint=h)
+            y = self.node(self.add_kind(op.result), [y, b], h if out_dt.name == "f32" else None, hint=h)
         if out_dt.name != "f32":
             y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
         self.set(op, y)
