@@ -169,3 +169,34 @@ def test_per_token_quantization_of_an_all_zero_token_is_exact() -> None:
         (o,) = _ort(lf.model, {"x": xs}, level)
         np.testing.assert_array_equal(o, ref)
     assert np.all(ref[0, 1] == 0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_qmatmuls_reading_one_activation_are_one_gemm_and_exact(bias: bool) -> None:
+    """Three w8a8 projections of one per-token activation (Q, K, V) lower to one MatMulIntegerToFloat and a Split
+    into their own names; a fourth with a per-group weight stays alone. Bit-exact against the interpreter."""
+    rng = np.random.default_rng(7)
+    m = qir.Module("qkv")
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [2, "seq", 32]))
+    dyn = QuantSpec.dynamic_spec(axis=2, group_size=32)
+    xq = f.add_op("quantize", [x], result_types=[TensorType.of("i8", [2, "seq", 32], dyn)], names=["x.q"]).result
+    outs = []
+    for name, n, kw in (("q", 32, {"axis": 0}), ("k", 16, {"axis": 0}), ("v", 16, {"axis": None}),
+                        ("g", 24, {"axis": 1, "group_size": 16})):
+        w = _weight(m, f"w{name}", rng.standard_normal((n, 32)).astype(np.float32), "i8", **kw)
+        ops = [xq, w] + ([m.add_constant(f"b{name}", rng.standard_normal(n).astype(np.float32))] if bias else [])
+        outs.append(f.add_op("qmatmul", ops, names=[name]).result)
+    f.set_outputs(outs)
+    lf = lower_function(m)
+    onnx.checker.check_model(lf.model, full_check=True)
+    ops = _ops(lf.model)
+    assert ops["MatMulIntegerToFloat"] == 1 and ops["Split"] == 1, ops
+    split = next(n for n in lf.model.graph.node if n.op_type == "Split")
+    assert list(split.output) == ["q", "k", "v"]
+    xs = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    xs[1, 2] = 0.0
+    refs = run(m, [xs])
+    for level in ("none", "all"):
+        for o, ref in zip(_ort(lf.model, {"x": xs}, level), refs):
+            np.testing.assert_array_equal(o, ref)
