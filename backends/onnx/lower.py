@@ -26,9 +26,10 @@ Quantized ops (semantics of :mod:`qir.ops.quantized` and :mod:`qir.quant`):
   ``ort-cpu`` (``int4="nbits"``); otherwise ``DequantizeLinear`` (axis / block_size) on the transposed codes ->
   ``MatMul``.
 * ``qmatmul`` with quantized ``x``: ``mode="integer"`` -> ``MatMulInteger`` (int32 accumulation) -> ``Cast`` ->
-  ``Mul(sx * sw)`` -> ``Add(bias)``: the interpreter's integer path, exact; ``mode="qdq"`` ->
-  ``DequantizeLinear`` on both sides -> ``MatMul`` (the form ORT's QDQ optimizer fuses, and what Ascend's
-  ``convert_qat_model`` reads).
+  ``Mul(sx * sw)`` -> ``Add(bias)``: the interpreter's integer path, exact (symmetric per-token activations:
+  ``com.microsoft.MatMulIntegerToFloat`` with the weight scale, then ``Mul(sx)``; the projections that read one
+  activation, Q/K/V, share one such GEMM and a ``Split``); ``mode="qdq"`` -> ``DequantizeLinear`` on both sides
+  -> ``MatMul`` (the form ORT's QDQ optimizer fuses, and what Ascend's ``convert_qat_model`` reads).
 * ``qembedding`` -> ``Gather`` of codes and of per-row / per-group scales, then the dequantization.
 """
 
