@@ -5,7 +5,13 @@ turns, one run each per round. A node's time is its *minimum* over the rounds (a
 table readable on a loaded machine where the wall time of a whole run is not; the table sums those minima per op
 type (the fused ops ORT actually ran, e.g. ``MatMulIntegerToFloat``, ``SkipLayerNormalization``).
 
-    python bench/ort_minilm_profile.py A.onnx [B.onnx ...] [--runs 20] [--threads 2] [--top 30]
+    python bench/ort_minilm_profile.py A.onnx [B.onnx ...] [--runs 20] [--threads 2] [--top 30] [--no-spin]
+        [--no-profile]
+
+Each file's line also gives the process CPU time per run (all threads; median): the work a run does, which load
+on the machine barely changes. ``--no-spin`` turns ORT's spin-waiting of idle pool threads off (for every file
+alike), so the CPU time counts work, not spinning, and on a loaded machine the wall time is not dominated by
+threads spinning against each other. ``--no-profile`` times without ORT's profiler (no table).
 
 The files are what ``bench/ort_minilm.py --out DIR`` leaves: ``DIR/minilm-quantize-dynamic.onnx`` (the peer) and
 ``DIR/qir-ort-cpu-w8a8/model.onnx``; any model with inputs ``input_ids`` and ``attention_mask`` works.
@@ -31,6 +37,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--no-spin", action="store_true", help="session.intra_op.allow_spinning=0 for every file")
+    ap.add_argument("--no-profile", action="store_true", help="wall and CPU time only, without ORT's profiler")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -49,15 +57,25 @@ def main() -> int:
         so.intra_op_num_threads = args.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.enable_profiling = True
+        so.enable_profiling = not args.no_profile
         so.profile_file_prefix = str(tmp / f"m{i}")
+        if args.no_spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions.append(ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]))
     walls: list[list[float]] = [[] for _ in sessions]
+    cpus: list[list[float]] = [[] for _ in sessions]
     for _ in range(args.runs + 2):
         for i, s in enumerate(sessions):
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             s.run(None, feeds)
             walls[i].append(time.perf_counter() - t)
+            cpus[i].append(time.process_time() - c)
+    if args.no_profile:
+        for i, path in enumerate(args.models):
+            w, c = sorted(walls[i][2:]), sorted(cpus[i][2:])
+            print(f"[{i}] {path}: wall min {w[0] * 1e3:.1f} ms, median {w[len(w) // 2] * 1e3:.1f} ms; "
+                  f"CPU time median {c[len(c) // 2] * 1e3:.1f} ms")
+        return 0
     tables: list[tuple[Counter[str], Counter[str]]] = []
     for i, s in enumerate(sessions):
         prof = s.end_profiling()
@@ -76,9 +94,10 @@ def main() -> int:
             per[kind[name]] += min(durs[2:] or durs)
             count[kind[name]] += 1
         tables.append((per, count))
-        w = sorted(walls[i][2:])
+        w, c = sorted(walls[i][2:]), sorted(cpus[i][2:])
         print(f"[{i}] {args.models[i]}: {sum(count.values())} nodes, sum of per-node minima "
-              f"{sum(per.values()) / 1e3:.2f} ms; wall min {w[0] * 1e3:.1f} ms, median {w[len(w) // 2] * 1e3:.1f} ms")
+              f"{sum(per.values()) / 1e3:.2f} ms; wall min {w[0] * 1e3:.1f} ms, median {w[len(w) // 2] * 1e3:.1f} ms; "
+              f"CPU time median {c[len(c) // 2] * 1e3:.1f} ms")
     total: Counter[str] = Counter()
     for per, _ in tables:
         total.update(per)
