@@ -246,3 +246,13 @@ def test_output_sensitivity_is_the_function_output_error() -> None:
     assert all(np.array_equal(src.constant(n).numpy(), v) for n, v in before.items())
     # 4-bit costs more output error than 8-bit for every tensor
     assert all(a.options[Candidate(4, None)][1] > a.options[Candidate(8, None)][1] for a in mp.assignment)
+
+
+def test_gptq_clip_mse_refuses_minimum_and_bad_names() -> None:
+    from qir.passes.gptq import gptq_quantize, rtn_quantize
+
+    w = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    with pytest.raises(QirError, match="does not combine with minimum"):
+        rtn_quantize(w, "u4", group=8, symmetric=False, minimum=True, clip="mse")
+    with pytest.raises(QirError, match="clip must be 'minmax' or 'mse'"):
+        gptq_quantize(w, np.eye(16), "i4", group=None, symmetric=True, clip="percentile")
