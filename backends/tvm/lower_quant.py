@@ -3,8 +3,15 @@
 :class:`QuantLowering` holds the methods of :class:`qir.backends.tvm.lower._FunctionLowering` for ``quantize``,
 ``dequantize``, ``requantize``, ``qembedding`` and ``qmatmul`` (integer path and weight-only), and the calls into
 ``qir.backends.tvm.kernels`` (``qmatmul_i8``, ``wmatmul``, ``matmul_f32``) with their fallbacks to the TE computes
-of :mod:`.qops`. A quantized value is a :class:`QVal` while it is lowered: its codes, scale and zero point as
-Relax expressions and its :class:`~qir.backends.tvm.qops.QLayout`.
+of :mod:`.qops`. A quantized value is a :class:`QVal` while it is lowered: its codes, scale, zero point and offset
+as Relax expressions and its :class:`~qir.backends.tvm.qops.QLayout`.
+
+Weights in a GGUF block format (``qir import --keep-quantized``) arrive with ``offset=@...`` specs (the block
+minimum: ``x = scale*q + offset``), fp16 block parameters and, after ``compress-scales`` or for K-quants,
+two-level parameters (the scale/offset constants are quantized themselves). The weight codes stay packed; fp16
+parameters are passed as fp16 and widened inside the kernels; two-level parameters are folded to one f32 per
+block at compile time (:meth:`qir.backends.tvm.lower._FunctionLowering.weight_param`, listed in the artifact's
+``report.json``). The weight-only kernels dequantize ``f32(q - zp) * scale + offset`` in registers.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ class QVal:
     zp: Any | None
     lay: QLayout
     type: TensorType
+    offset: Any | None = None
 
 
 def layout_of(t: TensorType) -> QLayout:
@@ -115,9 +123,20 @@ class QuantLowering:
 
     def _dequantize(self, q: QVal, out_dtype: str, v: Value | None) -> Any:
         shape = self.shape(q.type.shape)
-        args = [q.codes, q.scale] + ([q.zp] if q.zp is not None else [])
-        return self.emit_te(lambda C, S, *Z: qops.dequantize_te(C, S, Z[0] if Z else None, q.lay, shape, out_dtype),
-                            args, "dequantize", v)
+        args = [q.codes, q.scale] + [e for e in (q.zp, q.offset) if e is not None]
+        hz, ho = q.zp is not None, q.offset is not None
+
+        def fn(C: Any, S: Any, *rest: Any) -> Any:
+            return qops.dequantize_te(C, S, rest[0] if hz else None, q.lay, shape, out_dtype,
+                                      rest[-1] if ho else None)
+
+        return self.emit_te(fn, args, "dequantize", v)
+
+    def _f32(self, e: Any) -> Any:
+        """``e`` as a float32 Relax tensor (fp16 block scales of GGUF weights are widened for the integer path)."""
+        if e is None or e.ty.dtype == "float32":
+            return e
+        return self.bb.emit(self.relax.op.astype(e, "float32"))
 
     def op_dequantize(self, op: Op) -> list[Any]:
         q = self.get(op.operands[0])
@@ -137,10 +156,12 @@ class QuantLowering:
         assert isinstance(table, QVal)
         dim = table.type.shape[1]
         dt = tvm_dtype(op.result.type.dtype)
-        args = [table.codes, table.scale, ids] + ([table.zp] if table.zp is not None else [])
+        args = [table.codes, table.scale, ids] + [e for e in (table.zp, table.offset) if e is not None]
+        hz, ho = table.zp is not None, table.offset is not None
 
-        def fn(tab: Any, s: Any, ids_te: Any, *z: Any) -> Any:
-            return qops.qembedding_te(tab, s, z[0] if z else None, table.lay, ids_te, dim, dt)
+        def fn(tab: Any, s: Any, ids_te: Any, *rest: Any) -> Any:
+            return qops.qembedding_te(tab, s, rest[0] if hz else None, table.lay, ids_te, dim, dt,
+                                      rest[-1] if ho else None)
 
         return [self.emit_te(fn, args, "qembedding", op.result)]
 
@@ -155,6 +176,10 @@ class QuantLowering:
             raise self.fail(op, "the weight needs fixed sizes")
         out_dt = tvm_dtype(op.result.type.dtype)
         if isinstance(x, QVal):
+            if w.offset is not None:  # type inference refuses it too; say so here should a module skip it
+                raise self.fail(op, f"the weight {op.operands[1].ref} has an offset (x = scale*q + offset), which "
+                                    "the integer path cannot fold into its int32 accumulator; feed x as float")
+            w = QVal(w.codes, self._f32(w.scale), w.zp, w.lay, w.type)
             y = self._kernel_qmatmul_i8(op, x, w, b, n, k)
             if y is None:
                 self.kernel_counts["te:qmatmul"] = self.kernel_counts.get("te:qmatmul", 0) + 1
@@ -178,14 +203,15 @@ class QuantLowering:
             y = self._kernel_wmatmul(op, x, w, b, n, k)
             if y is None:
                 self.kernel_counts["te:wmatmul"] = self.kernel_counts.get("te:wmatmul", 0) + 1
-                args = [x, w.codes, w.scale] + [e for e in (w.zp, b) if e is not None]
-                wz, hb = w.zp is not None, b is not None
+                args = [x, w.codes, w.scale] + [e for e in (w.zp, w.offset, b) if e is not None]
+                wz, wo, hb = w.zp is not None, w.offset is not None, b is not None
 
                 def wfn(X: Any, WQ: Any, SW: Any, *rest: Any) -> Any:
                     it = iter(rest)
                     zw = next(it) if wz else None
+                    ow = next(it) if wo else None
                     bias = next(it) if hb else None
-                    return qops.wmatmul_te(X, WQ, SW, zw, w.lay, n, k, bias)
+                    return qops.wmatmul_te(X, WQ, SW, zw, w.lay, n, k, bias, ow)
 
                 y = self.emit_te(wfn, args, "wmatmul", None if out_dt != "float32" else op.result)
         if out_dt != "float32":
@@ -296,15 +322,18 @@ class QuantLowering:
             return None
         if wl.axis is None or (wl.bits == 4 and k % 2) or op.operands[0].type.dtype.name != "f32":
             return None
-        if wl.has_zp == wl.signed:  # the kernel's contract: symmetric = signed codes, asymmetric = unsigned
+        if wl.has_zp and wl.signed:  # the kernel's zero points go with unsigned codes (qir's asymmetric specs)
             return None
         x2, m = self._rows(x, op.operands[0].type)
+        sdt = w.scale.ty.dtype
+        odt = w.offset.ty.dtype if w.offset is not None else "float32"
         try:
             prim = kern.wmatmul(self._m_arg(m), n, k, wl.bits, wl.group or 0, self.target,
-                                symmetric=not wl.has_zp, bias=b is not None)
+                                symmetric=not wl.has_zp, signed=wl.signed, bias=b is not None,
+                                offset=w.offset is not None, scale_dtype=sdt, offset_dtype=odt)
         except Exception:  # noqa: BLE001 - fall back to the TE compute
             prim = None
         if prim is None:
             return None
-        args = [x2, w.codes, w.scale] + ([w.zp] if w.zp is not None else []) + ([b] if b is not None else [])
+        args = [x2, w.codes, w.scale] + [e for e in (w.zp, w.offset, b) if e is not None]
         return self._call_kernel(op, prim, f"wmatmul{wl.bits}_k", args, m, n, op.operands[0].type)

@@ -25,8 +25,17 @@ from qir.backends.tvm.kernels.matmul_f32 import packed_gemm, schedule_gemm, sche
 
 
 def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.target.Target | str | dict, *,
-            symmetric: bool = True, bias: bool = False) -> tirx.PrimFunc | None:
-    """Scheduled weight-only ``qmatmul``; parameters and formula in :mod:`qir.backends.tvm.kernels`."""
+            symmetric: bool = True, bias: bool = False, signed: bool | None = None, offset: bool = False,
+            scale_dtype: str = "float32", offset_dtype: str = "float32") -> tirx.PrimFunc | None:
+    """Scheduled weight-only ``qmatmul``; parameters and formula in :mod:`qir.backends.tvm.kernels`.
+
+    ``signed`` (default: ``symmetric``) says how the codes read (two's complement or unsigned) independently of
+    the zero point, so unsigned codes without a zero point (GGUF Q4_1/Q5_1: ``x = d*q + m``) fit too.
+    ``offset``: an ``offset`` tensor in the scale's layout is added after scaling (``f32(q - zp)*scale + offset``,
+    the GGUF minimum), inside the dequantization, so GEMV and GEMM pay one add per weight element (GEMM only
+    once per call, when it dequantizes into its panels). ``scale_dtype``/``offset_dtype``: ``"float32"`` or
+    ``"float16"`` (GGUF's own fp16 block parameters, kept fp16 in memory and widened in registers: exact).
+    """
     check_dims("wmatmul", M=M, N=N, K=K)
     if bits not in (4, 8):
         raise ValueError(f"wmatmul: bits must be 4 or 8, got {bits}")
@@ -34,22 +43,31 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
         raise ValueError(f"wmatmul: int4 weights need an even K (two per byte per row), got K={K}")
     if group is not None and group <= 0:
         group = None
+    if signed is None:
+        signed = symmetric
+    for what, dt in (("scale_dtype", scale_dtype), ("offset_dtype", offset_dtype)):
+        if dt not in ("float32", "float16"):
+            raise ValueError(f"wmatmul: {what} must be 'float32' or 'float16', got {dt!r}")
     feat = features_of(target_of(target))
     if feat is None:
         return None
 
     X = te.placeholder((M, K), "float32", name="X")
     if bits == 8:
-        Wq = te.placeholder((N, K), "int8" if symmetric else "uint8", name="Wq")
+        Wq = te.placeholder((N, K), "int8" if signed else "uint8", name="Wq")
     else:
         Wq = te.placeholder((N, K // 2), "uint8", name="Wq")
     sshape = (N,) if group is None else (N, -(-K // group))
-    scale = te.placeholder(sshape, "float32", name="scale")
+    scale = te.placeholder(sshape, scale_dtype, name="scale")
     params = [X, Wq, scale]
     zp = None
     if not symmetric:
         zp = te.placeholder(sshape, "int32", name="zero_point")
         params.append(zp)
+    off = None
+    if offset:
+        off = te.placeholder(sshape, offset_dtype, name="offset")
+        params.append(off)
     bias_t = None
     if bias:
         bias_t = te.placeholder((N,), "float32", name="bias")
@@ -60,12 +78,16 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
             return Wq[n, k].astype("int32")
         byte = Wq[n, k // 2].astype("int32")
         nib = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * 4), 15)
-        return (tirx.bitwise_xor(nib, 8) - 8) if symmetric else nib
+        return (tirx.bitwise_xor(nib, 8) - 8) if signed else nib
+
+    def f32(e: tirx.PrimExpr) -> tirx.PrimExpr:
+        return e if e.dtype == "float32" else e.astype("float32")
 
     def deq(n: tirx.Var, k: tirx.Var) -> tirx.PrimExpr:
         idx = (n,) if group is None else (n, k // group)
         q = code(n, k) - zp[idx] if zp is not None else code(n, k)
-        return q.astype("float32") * scale[idx]
+        v = q.astype("float32") * f32(scale[idx])
+        return v + f32(off[idx]) if off is not None else v
 
     if is_static_one(M):
         if bits == 4:
