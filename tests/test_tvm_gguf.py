@@ -113,14 +113,41 @@ def test_codes_stay_packed_and_fp16_parameters_stay_fp16(type_name: str) -> None
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
-def test_k_quant_sub_block_parameters_are_folded_once(type_name: str) -> None:
-    """K-quants' 6-/8-bit sub-block scales against an fp16 per 256 become one f32 per sub-block, listed by name."""
-    m = block_module(type_name, 8, 512, 1)
+def test_k_quant_sub_block_parameters_stay_quantized(type_name: str) -> None:
+    """K-quants' 6-/8-bit sub-block scales against an fp16 per 256 are parameters as they are (one byte per
+    sub-block), dequantized inside the kernel; nothing is folded."""
+    m = block_module(type_name, 16, 512, 1)
     lw = build(m, TARGET).lowered
-    assert lw.folded == {"w.scale": "w_scale_f32", **({"w.min": "w_min_f32"} if type_name == "Q4_K" else {})}
+    assert lw.folded == {}
     sub = 32 if type_name == "Q4_K" else 16
-    assert lw.params["w_scale_f32"].dtype == np.float32 and lw.params["w_scale_f32"].shape == (8, 512 // sub)
-    assert "w_scale" not in lw.params and "w_scale_d" not in lw.params  # the unused raw parts are not parameters
+    assert lw.params["w_scale"].dtype == (np.uint8 if type_name == "Q4_K" else np.int8)
+    assert lw.params["w_scale"].shape == (16, 512 // sub) and lw.params["w_scale_d"].dtype == np.float16
+
+
+def test_three_level_parameters_are_folded_at_compile_time(tmp_path: Path) -> None:
+    """A block scale quantized against a per-row scale that is quantized too: folded to one f32 per block."""
+    from qir.quantspec import QuantSpec
+
+    rng = np.random.default_rng(6)
+    rows, cols = 16, 64
+    m = Module("f")
+    m.add_constant("s3", rng.integers(1, 200, rows).astype(np.uint8),
+                   type=TensorType.of("u8", [rows], QuantSpec.per_tensor(1e-4)))
+    m.add_constant("s2", rng.integers(1, 255, (rows, 2)).astype(np.uint8),
+                   type=TensorType.of("u8", [rows, 2], QuantSpec(axis=0, scale="s3")))
+    w = m.add_constant("w", rng.integers(-128, 128, (rows, cols)).astype(np.int8),
+                       type=TensorType.of("i8", [rows, cols], QuantSpec(axis=1, group_size=32, scale="s2")))
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [1, 1, cols]))
+    f.set_outputs([f.add_op("qmatmul", [x, w], names=["y"]).result])
+    verify(m)
+    xs = [np.random.default_rng(1).standard_normal((1, 1, cols)).astype(np.float32)]
+    res = compile_tvm(m, TARGET, tmp_path / "a")
+    assert res.report["folded_params"] == {"s2": "s2_f32"}
+    assert any("folded at compile time" in n for n in res.report["notes"])
+    got = load_artifact(tmp_path / "a").run(xs)[0]
+    want = np.asarray(run(m, xs)[0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * cols * np.abs(want).max())
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -132,8 +159,10 @@ def test_compress_scales_output_matches_interpreter(bits: int, tmp_path: Path) -
     xs = inputs(m, 4)
     assert check_against_interpreter(m, xs, use_kernels=True) == {"wmatmul4": 1}
     res = compile_tvm(m, TARGET, tmp_path / "a")
-    assert res.report["folded_params"] == {"w.min": "w_min_f32", "w.scale": "w_scale_f32"}
-    assert any("folded at compile time" in n for n in res.report["notes"])
+    assert res.report["folded_params"] == {}  # the 8-/4-bit block parameters are read as they are stored
+    params = build(m, TARGET).lowered.params
+    assert params["w_scale"].dtype == np.uint8 and params["w_scale"].nbytes == 16 * 8 * bits // 8
+    assert not [p for p in params if p.endswith("_f32")]
     got = load_artifact(tmp_path / "a").run(xs)
     np.testing.assert_allclose(got[2], np.asarray(run(m, xs)[2]), rtol=2e-7, atol=1e-7)
 

@@ -141,8 +141,9 @@ class _FunctionLowering(QuantLowering):
     def _const_names(self) -> list[str]:
         """Constants the function reads (operands and the scale/zero-point/offset constants their specs name).
 
-        A parameter constant that is itself quantized (two-level: ``compress-scales``, K-quants) is not declared
-        with its own codes and parameters: it goes to ``self.fold`` and is folded to one value per block.
+        A scale or offset constant that is itself quantized (two-level: ``compress-scales``, K-quants) is declared
+        with its own codes and parameters and dequantized where it is read (:meth:`nestable`); anything deeper,
+        or a quantized zero point, goes to ``self.fold`` and is folded to one value per block at compile time.
         """
         seen: dict[str, None] = {}
 
@@ -151,7 +152,7 @@ class _FunctionLowering(QuantLowering):
             for ref, dt in roles:
                 if not isinstance(ref, str):
                     continue
-                if self.module.constant(ref).type.quant is not None:
+                if self.module.constant(ref).type.quant is not None and not (dt == "float32" and self.nestable(ref)):
                     self.fold.setdefault(ref, dt)
                 else:
                     add(ref)
@@ -236,20 +237,33 @@ class _FunctionLowering(QuantLowering):
             data = data.reshape(1)
         return self.relax.const(np.ascontiguousarray(data), str(data.dtype))
 
+    def nestable(self, ref: str) -> bool:
+        """Whether the quantized parameter constant ``@ref`` is read as a :class:`QVal` (dequantized where it is
+        used): its own scale, zero point and offset are plain constants or literals (two levels, not three)."""
+        spec = self.module.constant(ref).type.quant
+        return spec is not None and not spec.dynamic and all(
+            self.module.constant(r).type.quant is None for r in spec.constant_refs)
+
     def weight_param(self, ref: str | None) -> Any:
         """A constant's scale or offset for the dequantizing kernels: an f16 constant stays f16 (GGUF's block
-        parameters; the kernels widen it in registers), an f32 one f32, a two-level one is its folded f32."""
+        parameters; the kernels widen it in registers), an f32 one f32, a two-level one a :class:`QVal` (its
+        codes, dequantized where they are read), a deeper one its folded f32."""
         if ref is None:
             return None
         c = self.module.constant(ref)
+        if c.type.quant is not None and ref not in self.fold and self.nestable(ref):
+            return self.qconst_named(ref)
         if c.type.quant is None and c.type.dtype.name in ("f16", "f32") and len(c.type.shape) > 0:
             return self.const_vars[ref]
         return self._param_expr(ref, "float32")
 
     def qconst(self, v: Value) -> QVal:
-        t = v.type
+        return self.qconst_named(v.name)
+
+    def qconst_named(self, name: str) -> QVal:
+        t = self.module.constant(name).type
         assert t.quant is not None
-        return QVal(self.const_vars[v.name], self.weight_param(t.quant.scale)
+        return QVal(self.const_vars[name], self.weight_param(t.quant.scale)
                     if isinstance(t.quant.scale, str) else self._param_expr(t.quant.scale, "float32"),
                     self._param_expr(t.quant.zero_point, "int32"), layout_of(t), t, self.weight_param(t.quant.offset))
 

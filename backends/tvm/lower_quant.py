@@ -121,19 +121,48 @@ class QuantLowering:
         x = self.plain(op, op.operands[0])
         return [self._quantize_float(op, x, op.operands[0].type, op.result.type, op.result)]
 
+    @staticmethod
+    def _flat(*params: Any) -> list[Any]:
+        """Relax arguments of block parameters, in order: a plain tensor as itself, a two-level one (a
+        :class:`QVal`) as its codes, scale, zero point and offset (what :meth:`_te_params` takes back)."""
+        out: list[Any] = []
+        for p in params:
+            if isinstance(p, QVal):
+                out += [p.codes, p.scale] + [e for e in (p.zp, p.offset) if e is not None]
+            elif p is not None:
+                out.append(p)
+        return out
+
+    @staticmethod
+    def _te_params(it: Any, *params: Any) -> list[Any]:
+        """The TE tensors for ``params`` from the iterator ``it`` over ``emit_te``'s arguments (see :meth:`_flat`):
+        ``None`` stays ``None``, a two-level parameter becomes a :class:`~.qops.NestedParam`."""
+        out: list[Any] = []
+        for p in params:
+            if isinstance(p, QVal):
+                codes, scale = next(it), next(it)
+                zp = next(it) if p.zp is not None else None
+                off = next(it) if p.offset is not None else None
+                out.append(qops.NestedParam(codes, scale, zp, off, p.lay))
+            else:
+                out.append(next(it) if p is not None else None)
+        return out
+
     def _dequantize(self, q: QVal, out_dtype: str, v: Value | None) -> Any:
         shape = self.shape(q.type.shape)
-        args = [q.codes, q.scale] + [e for e in (q.zp, q.offset) if e is not None]
-        hz, ho = q.zp is not None, q.offset is not None
+        args = [q.codes] + self._flat(q.scale, q.zp, q.offset)
 
-        def fn(C: Any, S: Any, *rest: Any) -> Any:
-            return qops.dequantize_te(C, S, rest[0] if hz else None, q.lay, shape, out_dtype,
-                                      rest[-1] if ho else None)
+        def fn(C: Any, *rest: Any) -> Any:
+            s, z, o = self._te_params(iter(rest), q.scale, q.zp, q.offset)
+            return qops.dequantize_te(C, s, z, q.lay, shape, out_dtype, o)
 
         return self.emit_te(fn, args, "dequantize", v)
 
     def _f32(self, e: Any) -> Any:
-        """``e`` as a float32 Relax tensor (fp16 block scales of GGUF weights are widened for the integer path)."""
+        """``e`` as a float32 Relax tensor (fp16 block scales of GGUF weights are widened for the integer path,
+        two-level ones dequantized)."""
+        if isinstance(e, QVal):
+            return self._dequantize(e, "float32", None)
         if e is None or e.ty.dtype == "float32":
             return e
         return self.bb.emit(self.relax.op.astype(e, "float32"))
@@ -156,12 +185,11 @@ class QuantLowering:
         assert isinstance(table, QVal)
         dim = table.type.shape[1]
         dt = tvm_dtype(op.result.type.dtype)
-        args = [table.codes, table.scale, ids] + [e for e in (table.zp, table.offset) if e is not None]
-        hz, ho = table.zp is not None, table.offset is not None
+        args = [table.codes, ids] + self._flat(table.scale, table.zp, table.offset)
 
-        def fn(tab: Any, s: Any, ids_te: Any, *rest: Any) -> Any:
-            return qops.qembedding_te(tab, s, rest[0] if hz else None, table.lay, ids_te, dim, dt,
-                                      rest[-1] if ho else None)
+        def fn(tab: Any, ids_te: Any, *rest: Any) -> Any:
+            s, z, o = self._te_params(iter(rest), table.scale, table.zp, table.offset)
+            return qops.qembedding_te(tab, s, z, table.lay, ids_te, dim, dt, o)
 
         return [self.emit_te(fn, args, "qembedding", op.result)]
 
@@ -203,15 +231,11 @@ class QuantLowering:
             y = self._kernel_wmatmul(op, x, w, b, n, k)
             if y is None:
                 self.kernel_counts["te:wmatmul"] = self.kernel_counts.get("te:wmatmul", 0) + 1
-                args = [x, w.codes, w.scale] + [e for e in (w.zp, w.offset, b) if e is not None]
-                wz, wo, hb = w.zp is not None, w.offset is not None, b is not None
+                args = [x, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
 
-                def wfn(X: Any, WQ: Any, SW: Any, *rest: Any) -> Any:
-                    it = iter(rest)
-                    zw = next(it) if wz else None
-                    ow = next(it) if wo else None
-                    bias = next(it) if hb else None
-                    return qops.wmatmul_te(X, WQ, SW, zw, w.lay, n, k, bias, ow)
+                def wfn(X: Any, WQ: Any, *rest: Any) -> Any:
+                    sw, zw, ow, bias = self._te_params(iter(rest), w.scale, w.zp, w.offset, b)
+                    return qops.wmatmul_te(X, WQ, sw, zw, w.lay, n, k, bias, ow)
 
                 y = self.emit_te(wfn, args, "wmatmul", None if out_dt != "float32" else op.result)
         if out_dt != "float32":
@@ -325,8 +349,7 @@ class QuantLowering:
         if wl.has_zp and wl.signed:  # the kernel's zero points go with unsigned codes (qir's asymmetric specs)
             return None
         x2, m = self._rows(x, op.operands[0].type)
-        sdt = w.scale.ty.dtype
-        odt = w.offset.ty.dtype if w.offset is not None else "float32"
+        sdt, odt = self._kernel_param_dtype(kern, w.scale), self._kernel_param_dtype(kern, w.offset)
         try:
             prim = kern.wmatmul(self._m_arg(m), n, k, wl.bits, wl.group or 0, self.target,
                                 symmetric=not wl.has_zp, signed=wl.signed, bias=b is not None,
@@ -335,5 +358,14 @@ class QuantLowering:
             prim = None
         if prim is None:
             return None
-        args = [x2, w.codes, w.scale] + [e for e in (w.zp, w.offset, b) if e is not None]
+        args = [x2, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
         return self._call_kernel(op, prim, f"wmatmul{wl.bits}_k", args, m, n, op.operands[0].type)
+
+    @staticmethod
+    def _kernel_param_dtype(kern: Any, p: Any) -> Any:
+        """What :func:`~qir.backends.tvm.kernels.wmatmul` takes for a block parameter: its dtype, or a ``Nested``."""
+        if p is None:
+            return "float32"
+        if isinstance(p, QVal):
+            return kern.Nested(p.lay, p.scale.ty.dtype, None if p.offset is None else p.offset.ty.dtype)
+        return p.ty.dtype

@@ -30,8 +30,8 @@ import numpy as np
 
 from qir.dtypes import DType
 
-__all__ = ["QLayout", "code_at", "param_index", "quantize_te", "dequantize_te", "dyn_scale_te", "dyn_zp_te",
-           "qmatmul_int_te", "wmatmul_te", "qembedding_te", "pack_rows", "tvm_dtype"]
+__all__ = ["QLayout", "NestedParam", "code_at", "param_index", "quantize_te", "dequantize_te", "dyn_scale_te",
+           "dyn_zp_te", "qmatmul_int_te", "wmatmul_te", "qembedding_te", "pack_rows", "tvm_dtype"]
 
 _TVM_DTYPES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64",
                "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool",
@@ -97,7 +97,30 @@ def param_index(lay: QLayout, idx: Sequence[Any]) -> tuple[Any, ...]:
 
 
 def _f32(e: Any) -> Any:
-    return e if e.dtype == "float32" else e.astype("float32")
+    """``e`` widened to f32 (a buffer load has ``dtype``, a computed expression such as a nested dequantization
+    ``ty``)."""
+    dt = getattr(e, "dtype", None)
+    return e if str(dt if dt is not None else e.ty) == "float32" else e.astype("float32")
+
+
+@dataclass(frozen=True)
+class NestedParam:
+    """A block parameter (scale or offset) that is quantized itself (two-level: ``compress-scales``, K-quants).
+
+    Indexing it dequantizes in place, ``f32(codes[i] - zp) * scale[p(i)] + offset[p(i)]`` (the interpreter's
+    values, up to an FMA), so the kernels read the small codes instead of one f32 per block.
+    """
+
+    codes: Any
+    scale: Any
+    zp: Any | None
+    offset: Any | None
+    lay: QLayout
+
+    dtype = "float32"
+
+    def __getitem__(self, idx: Any) -> Any:
+        return _dequant_elem(self.codes, self.scale, self.zp, self.lay, tuple(idx), self.offset)
 
 
 def _dequant_elem(codes: Any, scale: Any, zp: Any | None, lay: QLayout, idx: Sequence[Any],

@@ -65,6 +65,6 @@ from __future__ import annotations
 from qir.backends.tvm.kernels.cpu_features import CpuFeatures, features_of
 from qir.backends.tvm.kernels.matmul_f32 import matmul_f32
 from qir.backends.tvm.kernels.qmatmul_i8 import qmatmul_i8
-from qir.backends.tvm.kernels.wmatmul import wmatmul
+from qir.backends.tvm.kernels.wmatmul import Nested, wmatmul
 
-__all__ = ["CpuFeatures", "features_of", "matmul_f32", "qmatmul_i8", "wmatmul"]
+__all__ = ["CpuFeatures", "Nested", "features_of", "matmul_f32", "qmatmul_i8", "wmatmul"]
