@@ -147,7 +147,7 @@ def compile_module(module: Module, target: str | Target, out_dir: str | os.PathL
     if tgt.runtime == "tvm":  # TVM targets: model.so + params (qir.backends.tvm.compile)
         from qir.backends.tvm.compile import compile_tvm
 
-        return compile_tvm(module, tgt, out_dir, meta=meta)
+        return compile_tvm(module, tgt, out_dir, meta=meta, finish=finish)
     violations = check_module(module, tgt, bind=bind)
     errors = [v for v in violations if v.severity == "error"]
     fb: set[str] = set()

@@ -14,7 +14,16 @@ import qir.passes.vocab_share  # noqa: F401  (registers vocab-share)
 from qir.passes import calibrate, cleanup, quantize  # noqa: F401  (register dce, cse, ..., calibrate, quantize)
 from qir.passes.base import Pass
 from qir.passes.context import PassContext
-from qir.passes.instruments import DumpDir, Instrument, PassRecord, PrintAfter, PrintAfterAll, PrintChanged, Timing
+from qir.passes.instruments import (
+    DumpDir,
+    FloatSnapshot,
+    Instrument,
+    PassRecord,
+    PrintAfter,
+    PrintAfterAll,
+    PrintChanged,
+    Timing,
+)
 from qir.passes.manager import PassFailedError, PassManager, run_pipeline
 from qir.passes.pipeline import PipelineError, format_pipeline, make_pass, parse_pipeline
 from qir.passes.registry import (
@@ -29,7 +38,8 @@ from qir.passes.registry import (
 from qir.passes.rewrite import RewriteDidNotConvergeError, RewritePattern, Rewriter, apply_patterns
 
 __all__ = [
-    "PASSES", "DumpDir", "Instrument", "Pass", "PassContext", "PassFailedError", "PassManager", "PassRecord",
+    "PASSES", "DumpDir", "FloatSnapshot", "Instrument",
+    "Pass", "PassContext", "PassFailedError", "PassManager", "PassRecord",
     "PipelineError",
     "PrintAfter", "PrintAfterAll", "PrintChanged", "RewriteDidNotConvergeError", "RewritePattern", "Rewriter",
     "Timing", "apply_patterns", "format_pipeline", "function_pass", "get_pass", "load_entry_points",

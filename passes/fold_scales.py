@@ -13,6 +13,13 @@
    loses less. A norm weight shared with something else (the final norm of a tied head is fine; a tied
    head *weight* is not) is left alone.
 
+   The same migration applies **inside gated MLPs**: a ``linear`` on ``%mid = mul(%act, %up)`` where ``%up =
+   linear %x, @Wu`` (SwiGLU's up projection) gets ``s`` from ``%mid``'s channel maxima and ``@Wd``'s columns;
+   the rows of ``@Wu`` (and its bias) are divided by ``s`` -- ``mul(act, up / s) == mid / s`` exactly -- and the
+   columns of ``@Wd`` multiplied. The down projection's input carries the largest outliers of a LLaMA-style
+   model (the products of two projections), so this is where per-token activation quantization loses most.
+   Every use of ``@Wd`` and ``@Wu`` (prefill and decode) must have this shape, or nothing is changed.
+
    The stored statistics of the smoothed norm outputs are **transformed**, not recomputed: the channel
    maxima become ``chmax / s`` (exact) and the range becomes the exact symmetric bound
    ``[-max(chmax / s), max(chmax / s)]`` (the signs of the extremes are lost). ``quantize{act=static}``
@@ -61,7 +68,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qir.errors import QirError
-from qir.graph import Constant, Function, Module, Op
+from qir.graph import Constant, Function, Module, Op, Value
 from qir.passes.base import Pass
 from qir.passes.calibrate import calibration_stats, store_stats
 from qir.passes.cleanup import FoldQuantizeDequantize
@@ -98,6 +105,7 @@ class FoldScales(Pass):
         self.folded: list[str] = []
         if self.smooth > 0:
             self._smooth_all(module)
+            self._smooth_mlps(module)
         FoldQuantizeDequantize().run(module)
         self._fold_muls(module)
 
@@ -141,6 +149,86 @@ class FoldScales(Pass):
                     m = float(ch.max()) if ch.size else 0.0
                     store_stats(module, func.name, op.result.name, Stats(-m, m, ch))
             self.smoothed.append(gname)
+
+    def _smooth_mlps(self, module: Module) -> None:
+        """Migrate the outliers of ``mul(act, linear(x, @Wu))`` into the down projection (see the docstring)."""
+        for dname in [n for n, c in module.constants.items() if c.has_data and c.type.dtype.is_float
+                      and c.type.quant is None and c.type.rank == 2]:
+            found = self._gated_pair(module, dname)
+            if found is None:
+                continue
+            uname, mids = found
+            act_max = None
+            for func, mid in mids:
+                st = calibration_stats(module, mid.name, func.name)
+                if st is not None and st.chmax is not None:
+                    act_max = st.chmax if act_max is None else np.maximum(act_max, st.chmax)
+            if act_max is None:
+                continue
+            wd = np.asarray(module.constant(dname).numpy())
+            wu = np.asarray(module.constant(uname).numpy())
+            s = smoothing_factors(act_max, np.abs(wd).max(axis=0), self.smooth)
+            module.constant(dname).data = (wd.astype(np.float64) * s[None, :]).astype(wd.dtype)
+            module.constant(uname).data = (wu.astype(np.float64) / s[:, None]).astype(wu.dtype)
+            for b in {op.operands[2].name for op, _ in module.constant(uname).uses if len(op.operands) > 2}:
+                bc = module.constant(b)
+                bc.data = (np.asarray(bc.numpy(), dtype=np.float64) / s).astype(bc.type.dtype.numpy)
+            for func, mid in mids:
+                st = calibration_stats(module, mid.name, func.name)
+                if st is not None and st.chmax is not None:
+                    ch = (np.asarray(st.chmax, dtype=np.float64) / s).astype(np.float32)
+                    m = float(ch.max()) if ch.size else 0.0
+                    store_stats(module, func.name, mid.name, Stats(-m, m, ch))
+            self.smoothed.append(dname)
+
+    @staticmethod
+    def _gated_pair(module: Module, dname: str) -> tuple[str, list[tuple[Function, Value]]] | None:
+        """``(@Wu, [(function, %mid), ...])`` when every use of ``@dname`` is ``linear(mul(a, linear(x, @Wu)), @dname)``
+        and nothing else reads ``%mid``, ``@Wu`` or the up projection's result (so the rescale is exact)."""
+        d = module.constant(dname)
+        if not d.uses:
+            return None
+        up_name: str | None = None
+        mids: list[tuple[Function, Value]] = []
+        up_ops: set[int] = set()
+        for op, index in d.uses:
+            if op.opcode != "linear" or index != 1:
+                return None
+            mid = op.operands[0]
+            mul = mid.producer
+            if mul is None or mul.opcode != "mul" or len(mul.operands) != 2:
+                return None
+            if (any(u.opcode != "linear" or i != 0 or u.operands[1] is not d for u, i in mid.uses)
+                    or op.parent is None or any(v is mid for v in op.parent.outputs)):
+                return None  # %mid feeds something else (or is returned), whose meaning would change
+            ups = [v for v in mul.operands if v.producer is not None and v.producer.opcode == "linear"
+                   and v.producer.operands[1].is_constant and len(v.uses) == 1
+                   and all(v is not o for o in op.parent.outputs)]
+            if len(ups) != 1 or mul.operands[0] is mul.operands[1]:
+                return None
+            up = ups[0].producer
+            assert up is not None
+            w = up.operands[1]
+            if w.type.quant is not None or not w.type.dtype.is_float or w.type.rank != 2:
+                return None
+            if up_name not in (None, w.name):
+                return None
+            up_name = w.name
+            up_ops.add(id(up))
+            if all(m is not mid for _, m in mids):
+                mids.append((op.parent, mid))
+        assert up_name is not None
+        u = module.constant(up_name)
+        if not u.has_data or any(op.opcode != "linear" or i != 1 or id(op) not in up_ops for op, i in u.uses):
+            return None  # the up weight is read elsewhere (tied, or by a linear not feeding this down projection)
+        if u.type.shape[0] != d.type.shape[1]:
+            return None
+        for op, _ in u.uses:
+            if len(op.operands) > 2 and (not op.operands[2].is_constant
+                                         or any(o.opcode != "linear" or id(o) not in up_ops
+                                                for o, _ in module.constant(op.operands[2].name).uses)):
+                return None
+        return up_name, mids
 
     @staticmethod
     def _consumers(module: Module, gname: str, norms: list[tuple[Function, Op]]) -> list[str] | None:

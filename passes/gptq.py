@@ -24,6 +24,11 @@ Algorithm, for a weight ``W [N, K]`` fed by inputs ``x [.., K]``:
 
 The returned codes, scales and zero points follow :mod:`qir.quant` exactly (``q = clamp(rint(w/s) + zp)``,
 f32 division), so they mean what the IR says they mean.
+
+``minimum=True`` (both solvers; unsigned codes) replaces the integer zero point by a float **minimum** per group,
+llama.cpp's ``Q4_1`` convention and the spec's ``offset``: ``s = (max - min) / qmax``, ``q = clamp(rint((w - min)
+/ s))``, ``w ~ s*q + min``. The range is the group's own -- not widened to contain 0, as an integer zero point
+needs -- so no code is spent on values the group does not hold; the third returned array is then the minimum.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numpy as np
 from qir import quant
 from qir.dtypes import DType, dtype
 from qir.errors import QirError
+from qir.quantspec import QuantSpec
 
 __all__ = ["HessianAccumulator", "gptq_quantize", "rtn_quantize"]
 
@@ -70,17 +76,39 @@ class HessianAccumulator:
         return self.xtx
 
 
-def _params(lo: np.ndarray, hi: np.ndarray, dt: DType, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _params(lo: np.ndarray, hi: np.ndarray, dt: DType, symmetric: bool, minimum: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(scale, zero point)`` of each range, or ``(scale, minimum)`` with ``minimum=True`` (see the docstring)."""
+    if minimum:
+        return quant.params_with_minimum(lo, hi, dt)
     lo = np.minimum(lo, 0.0).astype(np.float32)
     hi = np.maximum(hi, 0.0).astype(np.float32)
     scale, zp = quant.params_from_range(lo, hi, dt, symmetric=symmetric)
     return scale.astype(np.float32), None if zp is None else zp.astype(np.int32)
 
 
-def rtn_quantize(w: np.ndarray, dt: str | DType, *, group: int | None, symmetric: bool, axis: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Round-to-nearest ``(codes, scale, zero_point)``: per row (``group=None``) or per group along axis 1."""
+def _quantize_column(w: np.ndarray, scale: np.ndarray, third: np.ndarray | None, d: DType, minimum: bool
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of one column (or block) and the values they stand for, with a zero point or a minimum."""
+    if minimum:
+        assert third is not None
+        q = quant.quantize(w.astype(np.float32) - third, scale, None, d).astype(np.int32)
+        return q, scale.astype(np.float64) * q + third
+    q = quant.quantize(w.astype(np.float32), scale, third, d).astype(np.int32)
+    return q, scale.astype(np.float64) * (q - (0 if third is None else third))
+
+
+def rtn_quantize(w: np.ndarray, dt: str | DType, *, group: int | None, symmetric: bool, axis: int = 0,
+                 minimum: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Round-to-nearest ``(codes, scale, zero_point or minimum)``: per row (``group=None``) or per group on axis 1."""
     d = dtype(dt)
+    if minimum:
+        probe = QuantSpec(axis=axis if group is None else 1, group_size=group, dynamic=True).normalized(w.ndim)
+        scale, low = quant.params_with_minimum(quant.reduce_groups(w, probe, "min"),
+                                               quant.reduce_groups(w, probe, "max"), d)
+        codes = quant.quantize(np.asarray(w, np.float32) - quant.expand_params(low, probe, w.shape),
+                               quant.expand_params(scale, probe, w.shape), None, d)
+        return codes, scale, low
     if group is None:
         spec, scale, zp = quant.choose_params(w, d, symmetric=symmetric, axis=axis)
     else:
@@ -90,8 +118,9 @@ def rtn_quantize(w: np.ndarray, dt: str | DType, *, group: int | None, symmetric
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray, dt: str | DType, *, group: int | None, symmetric: bool,
-                  damp: float = 0.01, block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """GPTQ ``(codes, scale, zero_point)`` of ``w [N, K]`` given ``h [K, K]`` (see the module docstring).
+                  damp: float = 0.01, block: int = 128, minimum: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GPTQ ``(codes, scale, zero_point or minimum)`` of ``w [N, K]`` given ``h [K, K]`` (see the module docstring).
 
     ``group=None``: one scale per output row (shape ``[N]``); else per group of ``group`` input columns
     (shape ``[N, ceil(K/group)]``, the last group padded as in :mod:`qir.quant`).
@@ -129,11 +158,12 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, dt: str | DType, *, group: int |
         block = max(1, block // group) * group
         ngroups = -(-k // group)
         scale = np.zeros((n, ngroups), dtype=np.float32)
-        zp: np.ndarray | None = None if symmetric else np.zeros((n, ngroups), dtype=np.int32)
+        zp: np.ndarray | None = (np.zeros((n, ngroups), dtype=np.float32) if minimum
+                                 else None if symmetric else np.zeros((n, ngroups), dtype=np.int32))
         s_col = np.ones(n, np.float32)
         z_col: np.ndarray | None = None
     else:
-        scale, zp = _params(W.min(axis=1), W.max(axis=1), d, symmetric)
+        scale, zp = _params(W.min(axis=1), W.max(axis=1), d, symmetric, minimum)
         s_col, z_col = scale, zp
 
     codes = np.zeros((n, k), dtype=np.int32)
@@ -147,14 +177,13 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, dt: str | DType, *, group: int |
             if group is not None and col % group == 0:
                 g = col // group
                 cur = W[:, col:col + group]  # inside this block: every earlier error already applied
-                s_col, z_col = _params(cur.min(axis=1), cur.max(axis=1), d, symmetric)
+                s_col, z_col = _params(cur.min(axis=1), cur.max(axis=1), d, symmetric, minimum)
                 scale[:, g] = s_col
                 if zp is not None and z_col is not None:
                     zp[:, g] = z_col
             wcol = W1[:, i]
-            q = quant.quantize(wcol.astype(np.float32), s_col, z_col, d).astype(np.int32)
+            q, deq = _quantize_column(wcol, s_col, z_col, d, minimum)
             codes[:, col] = q
-            deq = s_col.astype(np.float64) * (q - (0 if z_col is None else z_col))
             err = (wcol - deq) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])
             err_block[:, i] = err

@@ -5,6 +5,8 @@
 * :class:`PrintChanged` — a unified diff of the IR before/after each pass that changed it (``--print-changed``)
 * :class:`DumpDir` — one numbered ``.qir`` per step into a folder (``--dump-dir DIR``)
 * :class:`Timing` — seconds per pass, printed at the end (``--timing``)
+* :class:`FloatSnapshot` — the float constants as the last float-only step left them (reports compare quantized
+  weights with these, not with the imported ones, which exact float rewrites such as smoothing have changed)
 
 The pass manager calls ``before_pipeline``, then ``after_pass`` for each pass with
 a :class:`PassRecord`, then ``after_pipeline``; ``before_pipeline_module`` / ``after_pass_module`` hand over
@@ -116,6 +118,41 @@ class Timing(Instrument):
             self.out.write(f"//   {r.seconds:9.4f} s  {100 * r.seconds / total:5.1f}%  {r.spelling}"
                            f"{'' if r.changed else '  (no change)'}\n")
         self.out.write(f"//   {sum(r.seconds for r in records):9.4f} s  total\n")
+
+
+@dataclass
+class FloatSnapshot(Instrument):
+    """Keeps references to the float constants' data after every step that quantized nothing yet.
+
+    Passes replace a constant's data rather than write into it, so references are enough (no copies). A float
+    rewrite that precedes quantization (``fold-scales{smooth=...}`` scales weight columns and norm weights
+    exactly) changes what "the float weight" of a layer is: :meth:`reference` gives the module with those values,
+    which is what the quantized weights approximate.
+    """
+
+    data: dict[str, object] = field(default_factory=dict)
+
+    def before_pipeline_module(self, module: Module) -> None:
+        self._take(module)
+
+    def after_pass_module(self, record: PassRecord, module: Module) -> None:
+        if not any(c.type.quant is not None for c in module.constants.values()):
+            self._take(module)
+
+    def _take(self, module: Module) -> None:
+        self.data = {n: c.data for n, c in module.constants.items()
+                     if c.has_data and c.type.dtype.is_float and not n.startswith("calib.")}
+
+    def reference(self, float_module: Module) -> Module:
+        """``float_module`` with the snapshot's values for the constants it has (a clone when any differ)."""
+        changed = {n: d for n, d in self.data.items()
+                   if n in float_module.constants and float_module.constants[n].data is not d}
+        if not changed:
+            return float_module
+        ref = float_module.clone()
+        for n, d in changed.items():
+            ref.constants[n].data = d
+        return ref
 
 
 def diff_texts(a: str, b: str, name_a: str, name_b: str, context: int = 3) -> list[str]:

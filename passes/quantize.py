@@ -1,7 +1,7 @@
 """The ``quantize`` pass: ``linear`` and ``embedding`` ops on constant weights become ``qmatmul`` / ``qembedding``.
 
-``quantize{scheme=w8a8|w8a16|w4a16|w4a8, act=dynamic|static, group=0, symmetric=true, rounding=rtn|gptq,
-embedding=i8|i4|none, head=i8|i4|none, overrides="", damp=0.01, block=128, keep_calib=false}``
+``quantize{scheme=w8a8|w8a16|w4a16|w4a8, act=dynamic|static, group=0, symmetric=true, zero=int|float,
+rounding=rtn|gptq, embedding=i8, head=i8, overrides="", damp=0.01, block=128, keep_calib=false}``
 
 Schemes (weights ``[N, K]``; ``group=0``: one scale per output row, ``axis=0``; ``group=g``: one scale
 per ``g`` input columns, ``axis=1, group=g`` -- when ``g`` does not divide ``K`` the last group is
@@ -19,7 +19,14 @@ short and qir pads it, e.g. g128 on K=576 gives 5 groups, the last of 64 columns
 ``w4a8``   i4 weights (per group or per channel) with i8 activations (dynamic per token by default).
 
 With ``symmetric=false`` weights are asymmetric: u8 / u4 codes plus a zero-point constant ``@<w>.zp``
-(stored in i8/u8). Scales are stored as **f32** (``@<w>.scale``; simple and exact). The quantized
+(stored in i8/u8). Scales are stored as **f32** (``@<w>.scale``; simple and exact).
+``zero=float`` (weight-only schemes, ``group > 0``) stores a float **minimum** per group instead of an integer zero
+point -- llama.cpp's ``Q4_1`` blocks: ``u4[..] q(axis=1, group=32, scale=@<w>.scale, offset=@<w>.min)``,
+``w ~ scale*q + min`` over the group's own range, not widened to contain 0 (an integer zero point must lie on
+the code grid, which costs a whole code step on one-signed groups). On SmolLM2-135M, whose weights come from a
+Q4_1 file, ``w4a16`` with ``group=32,zero=float`` finds the file's own blocks again (lossless at 4 bits plus the
+parameters); ``compress-scales`` then shrinks those parameters. The per-row head/embedding keep ``head`` /
+``embedding``'s integer formats. The quantized
 constant KEEPS the float weight's name (``@model.layers.0.mlp.up_proj.weight`` is now ``i4[...]``),
 so ``qir diff`` shows a type change, not a rename; only when the float tensor must stay too (another
 op still reads it) is the quantized copy named ``@<w>.q``.
@@ -30,7 +37,9 @@ inserted before its first quantized user.
 Embeddings and the head: an ``embedding`` op whose table is a constant becomes ``qembedding`` with the
 table quantized per row (``axis=0``) as ``embedding`` says. The output head -- a ``linear`` whose weight
 is also an embedding table (tied), or, untied, a ``linear`` whose result is returned and whose output
-size equals an embedding table's vocabulary -- is quantized per row as ``head`` says, weight-only. A
+size equals an embedding table's vocabulary -- is quantized per row as ``head`` says, weight-only.
+``embedding`` / ``head`` take ``i8``, ``i4``, ``i2`` (one scale per row), the same with a group suffix --
+``i4g32``: one scale (with ``zero=float``, also one minimum) per 32 columns -- or ``none``. A
 tied table is ONE quantized constant used by both ``qembedding`` and ``qmatmul``; tied ``embedding``
 and ``head`` must then agree (or one of them be ``none``, which keeps the float table for that user
 and gives the other a quantized copy ``@<w>.q``).
@@ -84,6 +93,7 @@ line is ``%x.q = quantize %x : u8[1,seq,4] q(scale=0.019607844, zp=102)`` (scale
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,10 +139,11 @@ class WeightFormat:
     axis: int | None
     group: int | None
     symmetric: bool
+    minimum: bool = False  # a float minimum per group (spec offset) instead of an integer zero point
 
     def describe(self) -> str:
         gran = "per tensor" if self.axis is None else "per row" if self.group is None else f"groups of {self.group}"
-        return f"{self.dtype} {gran}"
+        return f"{self.dtype} {gran}" + (" with a float minimum" if self.minimum else "")
 
 
 @dataclass
@@ -173,8 +184,12 @@ def streamed_params(wname: str, source: object, shape: tuple[int, ...], fmt: Wei
     zps: list[np.ndarray] = []
     for r0, r1 in _row_blocks(shape):
         try:
-            _, scale, zp = quant.choose_params(_read_rows(source, r0, r1), fmt.dtype, symmetric=fmt.symmetric,
-                                               **_rtn_args(fmt))  # type: ignore[arg-type]
+            if fmt.minimum:
+                _, scale, zp = rtn_quantize(_read_rows(source, r0, r1), fmt.dtype, group=fmt.group, symmetric=False,
+                                            minimum=True)
+            else:
+                _, scale, zp = quant.choose_params(_read_rows(source, r0, r1), fmt.dtype, symmetric=fmt.symmetric,
+                                                   **_rtn_args(fmt))  # type: ignore[arg-type]
         except QirError as exc:
             raise QirError(f"quantize: weight @{wname}, rows {r0}..{r1 - 1}: {exc}") from None
         scales.append(scale)
@@ -206,11 +221,27 @@ class LazyCodes:
         out = np.empty(self.shape, dtype=d.numpy)
         for r0, r1 in _row_blocks(self.shape):
             zp = None if self.zp is None else self.zp[r0:r1]
-            out[r0:r1] = quant.quantize_spec(_read_rows(self.source, r0, r1), spec, d, self.scale[r0:r1], zp).codes
+            rows = _read_rows(self.source, r0, r1)
+            if self.fmt.minimum:
+                assert zp is not None
+                out[r0:r1] = rtn_quantize(rows, d, group=self.fmt.group, symmetric=False, minimum=True)[0]
+            else:
+                out[r0:r1] = quant.quantize_spec(rows, spec, d, self.scale[r0:r1], zp).codes
         return out
 
     def __repr__(self) -> str:
         return f"<LazyCodes {self.fmt.describe()} {list(self.shape)}>"
+
+
+def _table_format(option: str, text: str) -> tuple[int, int | None] | None:
+    """``embedding=`` / ``head=``: ``none``, ``i8``/``i4``/``i2`` per row, or ``i4g32`` in groups of 32 inputs."""
+    if text == "none":
+        return None
+    m = re.fullmatch(r"[iu]?([248])(?:g([1-9][0-9]*))?", text)
+    if m is None:
+        raise QirError(f"quantize: {option}={text!r}; use none, i8, i4 or i2 (one scale per row) or a group size "
+                       "suffix such as i4g32 (one scale per 32 columns)")
+    return int(m.group(1)), None if m.group(2) is None else int(m.group(2))
 
 
 def parse_overrides(text: str) -> list[tuple[str, str]]:
@@ -252,13 +283,19 @@ class Quantize(Pass):
     act: Literal["dynamic", "static"] = "dynamic"
     group: int = 0
     symmetric: bool = True
+    zero: Literal["int", "float"] = "int"
     rounding: Literal["rtn", "gptq"] = "rtn"
-    embedding: Literal["i8", "i4", "none"] = "i8"
-    head: Literal["i8", "i4", "none"] = "i8"
+    embedding: str = "i8"
+    head: str = "i8"
     overrides: str = ""
     damp: float = 0.01
     block: int = 128
     keep_calib: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked when the pipeline is parsed, before anything runs.
+        _table_format("embedding", self.embedding)
+        _table_format("head", self.head)
 
     # -- choices ------------------------------------------------------------------------------------------
     def _format(self, bits: int, *, per_row: bool = False, per_tensor: bool = False) -> WeightFormat:
@@ -266,6 +303,8 @@ class Quantize(Pass):
         if per_tensor:
             return WeightFormat(f"{signed}{bits}", None, None, self.symmetric)
         group = None if per_row or self.group == 0 else self.group
+        if group is not None and self.zero == "float":
+            return WeightFormat(f"u{bits}", 1, group, False, minimum=True)
         return WeightFormat(f"{signed}{bits}", 0 if group is None else 1, group, self.symmetric)
 
     def _override(self, weight: str) -> str | None:
@@ -280,11 +319,16 @@ class Quantize(Pass):
         if override == "none":
             return None, "float"
         if override is None and is_head:
-            if self.head == "none":
+            table = _table_format("head", self.head)
+            if table is None:
                 return None, "float"
-            return self._format(int(self.head[1:]), per_row=True), "float"
+            return self._table(*table), "float"
         scheme = override or self.scheme
         bits, act8 = SCHEMES[scheme.removesuffix(PER_TENSOR)]
+        if act8 and self.zero == "float":
+            raise QirError(f"quantize: zero=float (a float minimum per group) is for weight-only schemes; @{weight} "
+                           f"gets {scheme}, whose integer matmul needs an integer zero point: use zero=int, or "
+                           "w8a16/w4a16 for this weight")
         return self._format(bits, per_tensor=scheme.endswith(PER_TENSOR)), (self.act if act8 else "float")
 
     def _embedding_choice(self, weight: str) -> WeightFormat | None:
@@ -294,14 +338,25 @@ class Quantize(Pass):
         if override is not None:
             return self._format(SCHEMES[override.removesuffix(PER_TENSOR)][0], per_row=True,
                                 per_tensor=override.endswith(PER_TENSOR))
-        if self.embedding == "none":
-            return None
-        return self._format(int(self.embedding[1:]), per_row=True)
+        table = _table_format("embedding", self.embedding)
+        return None if table is None else self._table(*table)
+
+    def _table(self, bits: int, group: int | None) -> WeightFormat:
+        """An embedding table's / head's format: per row, or in groups along the row (``i4g32``)."""
+        if group is None:
+            return self._format(bits, per_row=True)
+        if self.zero == "float":
+            return WeightFormat(f"u{bits}", 1, group, False, minimum=True)
+        signed = "i" if self.symmetric else "u"
+        return WeightFormat(f"{signed}{bits}", 1, group, self.symmetric)
 
     # -- the pass -------------------------------------------------------------------------------------------
     def run(self, module: Module) -> None:
         if self.group < 0:
             raise QirError(f"quantize: group must be >= 0 (0 = per output channel), got {self.group}")
+        if self.zero == "float" and self.group == 0:
+            raise QirError("quantize: zero=float stores one float minimum per group of inputs; give a group size "
+                           "(e.g. group=32), or use zero=int for one zero point per output row")
         # Per-run state (not options): the parsed overrides and, per weight, (codes name, final name).
         self._rules: list[tuple[str, str]] = parse_overrides(self.overrides)
         self._pending: dict[str, tuple[str, str]] = {}
@@ -483,15 +538,25 @@ class Quantize(Pass):
             try:
                 if hessian is not None:
                     codes, scale, zp = gptq_quantize(w, hessian, d, group=fmt.group, symmetric=fmt.symmetric,
-                                                     damp=self.damp, block=self.block)
+                                                     damp=self.damp, block=self.block, minimum=fmt.minimum)
                 else:
-                    codes, scale, zp = rtn_quantize(w, d, group=fmt.group, symmetric=fmt.symmetric)
+                    codes, scale, zp = rtn_quantize(w, d, group=fmt.group, symmetric=fmt.symmetric,
+                                                    minimum=fmt.minimum)
             except QirError as exc:
                 raise QirError(f"quantize: weight @{wname} {c.type}: {exc}{_nonfinite_hint(w)}") from None
         keeps_float = any(u.fmt is None for u in ulist)
         final = module.fresh_constant_name(f"{wname}.q") if keeps_float else wname
         qname = module.fresh_constant_name(f"{wname}.q")
         sname = module.fresh_constant_name(f"{final}.scale")
+        if fmt.minimum:  # the third array is the float minimum: the spec's offset, no zero point
+            assert zp is not None and fmt.group is not None
+            mname = module.fresh_constant_name(f"{final}.min")
+            spec = QuantSpec(axis=1, group_size=fmt.group, scale=sname, offset=mname)
+            module.add_constant(qname, codes, type=TensorType.of(d, shape, spec), after=wname)
+            module.add_constant(sname, np.asarray(scale, dtype=np.float32), after=qname)
+            module.add_constant(mname, np.asarray(zp, dtype=np.float32), after=sname)
+            self._pending[wname] = (qname, final)
+            return
         zname = module.fresh_constant_name(f"{final}.zp") if zp is not None else None
         if fmt.group is None:
             spec = QuantSpec.per_axis(0, sname, zname)

@@ -143,7 +143,7 @@ def quantize_spec(x: np.ndarray, spec: QuantSpec, dt: str | DType, scale: np.nda
     return QTensor(codes, s, z, spec)
 
 
-def _reduce_groups(x: np.ndarray, spec: QuantSpec, fn: str) -> np.ndarray:
+def reduce_groups(x: np.ndarray, spec: QuantSpec, fn: str) -> np.ndarray:
     """min or max of ``x`` over each quantization group, in the spec's parameter layout."""
     x = np.asarray(x, dtype=np.float32)
     red = np.min if fn == "min" else np.max
@@ -201,6 +201,26 @@ def params_from_range(lo: np.ndarray | float, hi: np.ndarray | float, dt: str | 
     return scale, zp
 
 
+def params_with_minimum(lo: np.ndarray | float, hi: np.ndarray | float, dt: str | DType
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and float minimum mapping ``[lo, hi]`` onto an unsigned ``dt``'s codes: ``x ~ scale * q + lo``.
+
+    The GGUF ``Q4_1`` convention (a spec with ``offset=`` and no zero point): ``scale = (hi - lo) / qmax`` over
+    the range's own extent -- not widened to contain 0 -- and the minimum ``lo`` itself (f32). A range of width 0
+    gets scale 1 and maps its single value exactly (code 0).
+    """
+    d = dtype(dt)
+    if d.is_signed:
+        raise QuantError(f"a float minimum needs unsigned codes (x = scale*q + min, q >= 0), not {d}; use u{d.bits}")
+    lo = np.asarray(lo, dtype=np.float32)
+    hi = np.asarray(hi, dtype=np.float32)
+    if np.any(~np.isfinite(lo)) or np.any(~np.isfinite(hi)):
+        raise QuantError("cannot choose quantization parameters for data with NaN or Inf")
+    width = (hi - lo).astype(np.float32)
+    scale = _floor_scale(np.where(width > 0, width / np.float32(d.qmax), np.float32(1.0)).astype(np.float32))
+    return scale.astype(np.float32), lo.copy()
+
+
 def choose_params(x: np.ndarray, dt: str | DType, *, symmetric: bool = True, axis: int | None = None,
                   group_size: int | None = None, include_zero: bool = True,
                   scale_name: str | None = None, zero_point_name: str | None = None,
@@ -227,8 +247,8 @@ def choose_params(x: np.ndarray, dt: str | DType, *, symmetric: bool = True, axi
         raise QuantError("cannot choose quantization parameters: the tensor holds NaN or Inf")
     probe = QuantSpec(axis=axis, group_size=group_size, symmetric=symmetric, dynamic=True)
     probe = probe.normalized(x.ndim)
-    lo = _reduce_groups(x, probe, "min")
-    hi = _reduce_groups(x, probe, "max")
+    lo = reduce_groups(x, probe, "min")
+    hi = reduce_groups(x, probe, "max")
     if include_zero or symmetric:
         lo = np.minimum(lo, 0.0)
         hi = np.maximum(hi, 0.0)
@@ -259,8 +279,8 @@ def quantize_dynamic(x: np.ndarray, spec: QuantSpec, dt: str | DType) -> QTensor
         return QTensor(x.astype(d.numpy), np.ones(shape, np.float32),
                        None if probe.symmetric else np.zeros(shape, np.int32), probe)
     finite = np.where(np.isfinite(x), x, 0.0).astype(np.float32)
-    lo = np.minimum(_reduce_groups(finite, probe, "min"), 0.0)
-    hi = np.maximum(_reduce_groups(finite, probe, "max"), 0.0)
+    lo = np.minimum(reduce_groups(finite, probe, "min"), 0.0)
+    hi = np.maximum(reduce_groups(finite, probe, "max"), 0.0)
     scale, zp = params_from_range(lo, hi, d, symmetric=probe.symmetric)
     zp_arr = None if zp is None else np.clip(zp, d.qmin, d.qmax).astype(np.int32)
     return quantize_spec(x, probe, d, scale, zp_arr)

@@ -192,6 +192,18 @@ def test_accounting_measures_numeric_passes_only() -> None:
     data = json.loads(json.dumps(acc.to_json()))
     assert data["metric"] == "mse" and data["final"] == rows[0]["metric"] and len(data["steps"]) == 3
     assert "pass accounting" in out.getvalue() and "quantize{scheme=w8a16}" in out.getvalue()
+    # The same table in report.html (qir compile --account puts it in report.json's pass_accounting).
+    from qir.tools.report_html import PLOTS, render_html
+
+    page = render_html({"module": "stack", "target": "ort-cpu", "bytes": 1, "pass_accounting": data},
+                       {name: b"" for name in PLOTS})
+    table = page[page.index('<table id="pass-accounting">'):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 1 + 1 + 3  # header, the input, one row per pass
+    assert f"<td>{rows[0]['metric']:.6g}</td>" in table and table.count("(no change)") == 2
+    assert "<td>quantize{scheme=w8a16}</td>" in table and "<td>dce</td>" in table
+    assert '<table id="pass-accounting">' not in render_html({"module": "m", "target": "t", "bytes": 1},
+                                                             {name: b"" for name in PLOTS})
 
 
 # -- bisect ------------------------------------------------------------------------------------------------
@@ -317,7 +329,16 @@ def test_cli_bisect_and_account_on_a_toy_lm(tmp_path: Path, monkeypatch: pytest.
     assert res["overrides"] == "layers.1.down.weight=w8a16"
     assert main(["debug", "bisect", "toy", "-p", broken, "--calib-text", str(text)]) == 2
     assert "exactly one bound" in capsys.readouterr().err
-    assert main(["quantize", "toy", "-p", "quantize", "--account", "-o", str(tmp_path / "z.qir")]) == 2
+    # No --account-text / --calib-text: an LM is measured on the report's perplexity text (Debian's GPL-3) ...
+    import qir.tools.report as report
+
+    assert main(["quantize", "toy", "-p", "quantize", "--account", "-o", str(tmp_path / "z.qir")]) == 0
+    sample = json.loads((tmp_path / "z.report.json").read_text())["pass_accounting"]["sample"]
+    assert str(report.default_eval_text()) in sample
+    capsys.readouterr()
+    # ... and when there is no such text either, it says what to give.
+    monkeypatch.setattr(report, "default_eval_text", lambda: None)
+    assert main(["quantize", "toy", "-p", "quantize", "--account", "-o", str(tmp_path / "y.qir")]) == 2
     assert "needs text" in capsys.readouterr().err
 
 

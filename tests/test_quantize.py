@@ -94,6 +94,10 @@ def test_quantize_golden(scheme: str) -> None:
     ("calibrate,quantize{scheme=w8a8,act=static}", 0.05),
     ("calibrate,quantize{scheme=w4a8,act=static,group=16}", 0.12),
     ("quantize{scheme=w4a16,group=16,rounding=gptq}", 0.10),
+    ("quantize{scheme=w4a16,group=16,zero=float}", 0.10),
+    ("quantize{scheme=w4a16,group=16,zero=float,rounding=gptq}", 0.10),
+    ("quantize{scheme=w4a16,group=16,zero=float,embedding=i4g16,head=i4g16}", 0.15),
+    ("quantize{scheme=w8a16,embedding=i4g16,head=i4g16}", 0.15),
 ])
 def test_schemes_verify_and_stay_close(pipeline: str, bound: float) -> None:
     m = tiny_lm()
@@ -292,3 +296,75 @@ def test_gptq_handles_dead_inputs_and_reports_bad_hessians() -> None:
         gptq_quantize(w, -np.eye(8), "i8", group=None, symmetric=True, damp=0.0)
     with pytest.raises(QirError, match="expected \\[8, 8\\]"):
         gptq_quantize(w, np.eye(4), "i8", group=None, symmetric=True)
+
+
+# -- float minimum per group (zero=float: GGUF Q4_1 blocks) --------------------------------------------------------
+def _q4_1_grid_weight(seed: int, n: int = 8, k: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A weight whose blocks of 32 are exactly ``d*q + m`` with fp16 ``d``/``m`` and codes 0 and 15 present."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (n, k))
+    q[:, ::32] = 0
+    q[:, 1::32] = 15
+    d = rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-1.0, 0.2, (n, k // 32)).astype(np.float16).astype(np.float32)
+    return (np.repeat(d, 32, 1) * q + np.repeat(m, 32, 1)).astype(np.float32), q
+
+
+def test_float_minimum_finds_q4_1_blocks_again_and_integer_zero_points_do_not() -> None:
+    w, q = _q4_1_grid_weight(5)
+    codes, scale, low = rtn_quantize(w, "u4", group=32, symmetric=False, minimum=True)
+    assert np.array_equal(codes, q)
+    np.testing.assert_array_equal(np.repeat(scale, 32, 1) * codes + np.repeat(low, 32, 1), w)
+    # An integer zero point widens one-signed groups to contain 0: the same blocks no longer fit the grid.
+    c2, s2, z2 = rtn_quantize(w, "u4", group=32, symmetric=False)
+    assert z2 is not None
+    assert np.abs(np.repeat(s2, 32, 1) * (c2 - np.repeat(z2, 32, 1)) - w).max() > 1e-3
+
+
+def test_zero_float_through_the_pass_is_an_offset_spec_and_lossless_on_grid_weights() -> None:
+    w, _ = _q4_1_grid_weight(6, n=16, k=64)
+    m = Module("lin")
+    m.add_constant("w", w)
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [1, "seq", 64]))
+    f.set_outputs([f.add_op("linear", [x, m.constants["w"]], names=["y"]).result])
+    out = run_pipeline(m, "quantize{scheme=w4a16,group=32,zero=float}")
+    t = out.constants["w"].type
+    assert t.dtype.name == "u4" and t.quant.offset == "w.min" and t.quant.zero_point is None
+    assert "offset=@w.min" in print_module(out)
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 5, 64)).astype(np.float32)}
+    np.testing.assert_allclose(run_out(out, feed), run_out(m, feed), rtol=1e-5, atol=1e-5)
+    back = qir.parse(print_module(out))  # the text round-trips (weights aside)
+    assert back.constants["w"].type == t
+
+
+def test_gptq_with_a_float_minimum_beats_rtn_with_one() -> None:
+    x = _correlated(0)
+    w = np.random.default_rng(1).standard_normal((32, 64)).astype(np.float32)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+
+    def deq(codes: np.ndarray, scale: np.ndarray, low: np.ndarray) -> np.ndarray:
+        return np.repeat(scale, 16, 1) * codes + np.repeat(low, 16, 1)
+
+    ref = x @ w.T
+    rtn = deq(*rtn_quantize(w, "u4", group=16, symmetric=False, minimum=True))
+    gptq = deq(*gptq_quantize(w, acc.hessian(), "u4", group=16, symmetric=False, minimum=True, block=32))
+    assert np.mean((x @ gptq.T - ref) ** 2) < 0.8 * np.mean((x @ rtn.T - ref) ** 2)
+
+
+def test_zero_float_refuses_what_it_cannot_express() -> None:
+    with pytest.raises(QirError, match="give a group size"):
+        run_pipeline(tiny_lm(), "quantize{scheme=w4a16,zero=float}")
+    with pytest.raises(QirError, match="weight-only schemes"):
+        run_pipeline(tiny_lm(), "quantize{scheme=w8a8,group=16,zero=float}")
+    with pytest.raises(QirError, match="unsigned codes"):
+        rtn_quantize(np.ones((2, 32), np.float32), "i4", group=32, symmetric=False, minimum=True)
+
+
+def test_table_formats_take_groups_and_bad_ones_fail_before_running() -> None:
+    out = run_pipeline(tiny_lm(), "quantize{scheme=w4a16,group=16,zero=float,embedding=i4g16,head=i4g16}")
+    t = out.constants["embed"].type
+    assert (t.dtype.name, t.quant.axis, t.quant.group_size, t.quant.offset) == ("u4", 1, 16, "embed.min")
+    with pytest.raises(QirError, match="i4g32"):
+        parse_pipeline("quantize{embedding=i3}")

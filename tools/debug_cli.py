@@ -1,8 +1,8 @@
 """``qir debug``: the numerics debugger on the command line (a thin layer over :mod:`qir.debug`).
 
 * ``qir debug compare A B [--calib-text FILE | --inputs FILE.npz] [--windows N] [--seq S] [--json]``
-  A and B: a float or quantized ``.qir``, a zoo name, or an artifact folder (``ort-*``). Every tensor both compute
-  is compared by IR value name (SQNR dB, cosine, max abs error); ``worst`` is where the error jumps most.
+  A and B: a float or quantized ``.qir``, a zoo name, or an artifact folder (``ort-*``, ``tvm-llvm``). Every tensor
+  both compute is compared by IR value name (SQNR dB, cosine, max abs error); ``worst`` is where the error jumps most.
 * ``qir debug bisect MODEL -p PIPELINE --metric-max X [--higher w8a16] [--calib-text FILE]``: the fewest
   layers to keep at higher precision so the metric (perplexity; ``--metric-min`` for an encoder's cosine) meets
   the bound; prints the ``overrides="..."`` to paste.
@@ -98,7 +98,7 @@ def add_debug_parser(sub: Any) -> argparse.ArgumentParser:
         description="Run A (the reference) and B on the same inputs and compare every tensor both compute, matched "
                     "by IR value name: SQNR dB, cosine, max abs error, and the SQNR drop against the tensor's inputs. "
                     "'worst' is the tensor whose drop is largest: where the error jumps. A and B: a .qir file, a zoo "
-                    "name, or an artifact folder of qir compile (ort-cpu, ort-ascend).",
+                    "name, or an artifact folder of qir compile (ort-cpu, ort-ascend, tvm-llvm).",
         epilog="examples:\n  qir debug compare smol.qir smol-bad.qir --calib-text /usr/share/common-licenses/GPL-3\n"
                "  qir debug compare minilm.qir out/minilm-ort --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,7 +111,9 @@ def add_debug_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help='one object: {"tensors": [...] (graph order), "worst": name}')
     c.add_argument("--top", type=int, default=15, help="rows of the ranked table (default 15)")
     c.add_argument("--all", action="store_true", help="list every matched tensor in graph order")
-    c.add_argument("--chunk", type=int, default=64, help="artifact tensors fetched per ONNX Runtime run (default 64)")
+    c.add_argument("--chunk", type=int, default=64,
+                   help="artifact tensors fetched per ONNX Runtime run, or per piece of a TVM debug build "
+                        "(default 64)")
     c.add_argument("--memory-mb", type=int, default=512,
                    help="A's tensors waiting for B's stay in memory up to this, then spill to disk (default 512)")
     c.set_defaults(func=cmd_compare)

@@ -44,13 +44,15 @@ def add_pipeline_arguments(p: argparse.ArgumentParser, *, required: bool) -> Non
     p.add_argument("--account", action="store_true",
                    help="measure the model (ppl on 1x256 tokens of the text, or encoder cosine) after each pass "
                         "that changes numerics; table on stderr, 'pass_accounting' in the report (qir.debug.account)")
-    p.add_argument("--account-text", metavar="FILE", help="text for --account (default: --calib-text)")
+    p.add_argument("--account-text", metavar="FILE", help="text for --account (default: --calib-text, else for "
+                   "causal LMs the report's perplexity text, Debian's GPL-3)")
 
 
 def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> typing.Any:
     """Run ``args.pipeline`` on ``imported.module`` with the instruments and calibration the flags ask for."""
     from qir.passes import (
         DumpDir,
+        FloatSnapshot,
         PassContext,
         PassManager,
         PrintAfter,
@@ -66,7 +68,8 @@ def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> ty
         load_pass_file(f)
     load_entry_points()
     passes = parse_pipeline(args.pipeline or "")  # every name and option checked before anything runs
-    instruments = []
+    args.float_snapshot = FloatSnapshot()  # what reports compare the quantized weights with
+    instruments: list[typing.Any] = [args.float_snapshot]
     if args.print_after_all:
         instruments.append(PrintAfterAll())
     if args.print_after:
@@ -81,6 +84,10 @@ def run_pipeline_from_args(args: argparse.Namespace, imported: typing.Any) -> ty
         from qir.debug.account import PassAccounting, bounded_metric
 
         text = args.account_text or args.calib_text
+        if text is None and imported.kind == "causal-lm":
+            from qir.tools.report import default_eval_text  # the report's perplexity text (Debian's GPL-3)
+
+            text = default_eval_text()
         args.accounting = PassAccounting(make_metric=lambda m: bounded_metric(m, imported.kind, imported.tokenizer,
                                                                               text=text))
         instruments.append(args.accounting)

@@ -236,9 +236,14 @@ def build_report(report: dict[str, Any], *, artifact_dir: Path, out_dir: Path, f
     """
     report["totals"] = totals(float_module, module)
     report["layers"] = layer_rows(float_module, module)
-    report["quality"] = quality(artifact_dir, imported, text=eval_text, windows=eval_windows, window=eval_window)
+    from qir.backends.compile import load_artifact
+
+    elsewhere = getattr(load_artifact(artifact_dir), "runs_elsewhere", None)  # TVM: cross-compiled, or CUDA
+    report["quality"] = None if elsewhere else quality(artifact_dir, imported, text=eval_text, windows=eval_windows,
+                                                       window=eval_window)
     if report["quality"] is None:
         report["quality_note"] = ("skipped (--eval-windows 0)" if eval_windows <= 0 else
+                                  f"not measured: {elsewhere}" if elsewhere else
                                   f"not measured: the model's kind is {imported.kind!r} (no tokenizer or float "
                                   f"reference known; import it with qir import to record them)")
     same = [o for o in sibling_compiles(out_dir.parent, report.get("source"), out_dir)

@@ -4,7 +4,8 @@
 so no display and no global pyplot state) and writes them as ``size_vs_quality.png``, ``layer_bits.png`` and
 ``layer_error.png``; the page embeds the same PNGs as ``data:`` URIs, so it renders on its own when copied
 elsewhere. It holds the totals table (against the float model), every preset tried on this model (this compile,
-float, and other compiles found in sibling folders) and the per-layer table.
+float, and other compiles found in sibling folders), the per-pass accounting table when the compile ran with
+``--account`` (``pass_accounting``, :mod:`qir.debug.account`) and the per-layer table.
 """
 
 from __future__ import annotations
@@ -111,6 +112,35 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:,.0f} ({n / 1e6:.1f} MB)"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.2f}%"
+
+
+def _accounting(acc: dict[str, Any] | None) -> list[str]:
+    """The per-pass accounting table (``--account``): the metric on the input, then after each pass."""
+    if not acc:
+        return []
+    better = "lower" if acc.get("lower_is_better") else "higher"
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.6g}"
+
+    parts = ["<h2>Per-pass accounting</h2>",
+             f"<p>{html.escape(str(acc.get('metric')))} ({better} is better) after each pass that changes numerics: "
+             f"{html.escape(str(acc.get('sample')))}.</p>", '<table id="pass-accounting">',
+             _row(["step", "pass", str(acc.get("metric")), "change", "vs input"], "th"),
+             _row(["", "(input)", num(acc.get("input")), "", ""])]
+    for r in acc.get("steps", []):
+        if r.get("measured"):
+            parts.append(_row([r["index"] + 1, r["pass"], num(r.get("metric")), _pct(r.get("delta_pct")),
+                               _pct(r.get("vs_input_pct"))]))
+        else:
+            why = "no change" if not r.get("changed") else "numerics unchanged"
+            parts.append(_row([r["index"] + 1, r["pass"], "-", f"({why})", ""]))
+    parts.append("</table>")
+    return parts
+
+
 def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     """The page (see the module docstring); ``plots`` maps each name of :data:`PLOTS` to its PNG bytes."""
     title = f"qir compile report: {report.get('source') or report['module']} for {report['target']}"
@@ -145,6 +175,7 @@ def render_html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
                   _row(["preset", "weights MB", "quality"], "th")]
         parts += [_row([label, f"{mb:.1f}", f"{val:.4f}"]) for label, mb, val, _ in pts]
         parts.append("</table>")
+    parts += _accounting(report.get("pass_accounting"))
     parts.append("<h2>Plots</h2>")
     for name in PLOTS:
         data = base64.b64encode(plots[name]).decode("ascii")

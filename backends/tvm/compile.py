@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,11 +147,13 @@ def _notes(lowered: Any) -> list[str]:
 
 
 def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str], *,
-                meta: dict[str, Any] | None = None, arch: str | None = None, use_kernels: bool | None = None) -> Any:
+                meta: dict[str, Any] | None = None, arch: str | None = None, use_kernels: bool | None = None,
+                finish: Callable[[Path, dict[str, Any]], None] | None = None) -> Any:
     """Build ``module`` for the TVM ``target`` and write the artifact folder ``out_dir`` atomically.
 
     ``use_kernels``: use the scheduled kernels of ``qir.backends.tvm.kernels``; ``None`` takes the target file's
-    ``"tvm": {"kernels": ...}`` (default true).
+    ``"tvm": {"kernels": ...}`` (default true). ``finish(folder, report)``: as for
+    :func:`qir.backends.compile.compile_module` (``qir compile`` adds the report's quality and ``report.html``).
     """
     from qir.backends.compile import CompileResult
     from qir.serialize import stored_bytes
@@ -169,6 +171,10 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
         _export(built, tmp / LIBRARY, cc)
         built.seconds["export"] = time.perf_counter() - t0
         _save_params(built.lowered.params, tmp / PARAMS)
+        # What `qir debug compare` needs to rebuild this Relax module with intermediates as outputs (small).
+        from qir.backends.tvm.debug_build import write_debug_inputs
+
+        debug = write_debug_inputs(module, built.lowered, built.target, use_kernels, tmp)
         lw = built.lowered
         funcs: dict[str, Any] = {}
         for fname, sig in lw.signatures.items():
@@ -183,7 +189,7 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
         tgt_json = target.to_json()
         tgt_json["tvm"] = {**tgt_json.get("tvm", {}), "resolved": built.target.export()
                            if hasattr(built.target, "export") else str(built.target)}
-        size = sum((tmp / n).stat().st_size for n in (LIBRARY, PARAMS))
+        size = sum(f.stat().st_size for f in tmp.iterdir())  # model.so, params and the debugger's module.qir
         report = {
             "module": module.name, "target": target.name, "runtime": "tvm", "bind": {},
             "bytes": size, "library_bytes": (tmp / LIBRARY).stat().st_size,
@@ -192,10 +198,13 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
             "folded_params": dict(sorted(lw.folded.items())),
             "kernels": dict(sorted(lw.kernels.items())),
             "compile_seconds": {k: round(v, 2) for k, v in built.seconds.items()},
-            "tvm_target": str(built.target.kind.name), **(meta or {}),
+            "tvm_target": str(built.target.kind.name), "debug": debug, **(meta or {}),
         }
         (tmp / "target.json").write_text(json.dumps(tgt_json, indent=2, default=str) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        if finish is not None:
+            finish(tmp, report)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -243,22 +252,28 @@ class TvmArtifact(_artifact_base()):  # type: ignore[misc]
         self._params: dict[str, Any] | None = None
         self._dev: Any = None
 
+    @property
+    def runs_elsewhere(self) -> str | None:
+        """Why this artifact cannot run on this machine (a cross-compiled library, CUDA without a GPU), or None."""
+        import tvm
+
+        if self.report.get("tvm_target", "llvm") == "cuda":
+            return None if tvm.cuda(0).exist else "a CUDA artifact needs a GPU, and none is present"
+        if self.target.tvm_options().get("cc"):
+            return (f"this is a cross-compiled {self.target.name} library; run it on that device with the TVM "
+                    "runtime")
+        return None
+
     def _load(self) -> None:
         if self._vm is not None:
             return
         import tvm
         from tvm import relax
 
-        kind = self.report.get("tvm_target", "llvm")
-        if kind == "cuda":
-            dev = tvm.cuda(0)
-            if not dev.exist:
-                raise _error(f"{self.path}: a CUDA artifact needs a GPU, and none is present")
-        else:
-            dev = tvm.cpu(0)
-            if self.target.tvm_options().get("cc"):
-                raise _error(f"{self.path}: this is a cross-compiled {self.target.name} library; run it on that "
-                             "device with the TVM runtime")
+        elsewhere = self.runs_elsewhere
+        if elsewhere is not None:
+            raise _error(f"{self.path}: {elsewhere}")
+        dev = tvm.cuda(0) if self.report.get("tvm_target", "llvm") == "cuda" else tvm.cpu(0)
         if self.threads:
             tvm.get_global_func("runtime.config_threadpool")(0, int(self.threads))
         lib = tvm.runtime.load_module(str(self.path / LIBRARY))

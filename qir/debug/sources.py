@@ -10,8 +10,11 @@ kept). Two implementations live here:
   as the ONNX value name, so the wanted names are added as extra graph outputs of a copy of the model, ``chunk``
   names per session run (ORT returns all outputs of a run together; chunks bound the memory).
 
+* :class:`qir.debug.tvm_source.TvmSource` -- a ``tvm-*`` artifact folder: its module rebuilt so that the wanted
+  bindings are outputs (one debug build, run in pieces of ``chunk`` names).
+
 A backend with another runtime plugs in with :func:`register_artifact_source` (target-name prefix -> factory
-taking the folder), e.g. a ``tvm-llvm`` artifact that maps names to the tensors of its runtime.
+taking the folder).
 """
 
 from __future__ import annotations
@@ -235,7 +238,17 @@ class OrtSource:
 
 
 ArtifactFactory = Callable[[Path], TensorSource]
-_ARTIFACT_SOURCES: dict[str, ArtifactFactory] = {"ort-": lambda folder: OrtSource(folder)}
+
+
+def _tvm_source(folder: Path, *, chunk: int = 64, label: str | None = None) -> TensorSource:
+    from qir.debug.tvm_source import TvmSource  # imports TVM: only when a TVM artifact is opened
+
+    return TvmSource(folder, chunk=chunk, label=label)
+
+
+#: The built-in sources take ``chunk`` and ``label`` too (registered factories take the folder only).
+_BUILTIN_SOURCES: dict[str, Callable[..., TensorSource]] = {"ort-": OrtSource, "tvm-": _tvm_source}
+_ARTIFACT_SOURCES: dict[str, ArtifactFactory] = dict(_BUILTIN_SOURCES)
 
 
 def register_artifact_source(target_prefix: str, factory: ArtifactFactory) -> None:
@@ -253,8 +266,9 @@ def open_source(spec: str, *, chunk: int = 64, label: str | None = None) -> Tens
             raise DebugError(f"{spec}: unreadable report.json ({exc})") from None
         for prefix, factory in _ARTIFACT_SOURCES.items():
             if target.startswith(prefix):
-                src = OrtSource(p, chunk=chunk, label=label) if prefix == "ort-" else factory(p)
-                return src
+                if factory is _BUILTIN_SOURCES.get(prefix):
+                    return _BUILTIN_SOURCES[prefix](p, chunk=chunk, label=label)
+                return factory(p)
         raise DebugError(f"{spec}: an artifact for target {target!r}, which qir debug cannot run yet (it runs "
                          f"{', '.join(p + '*' for p in _ARTIFACT_SOURCES)})")
     from qir.frontend.importer import import_model
