@@ -141,9 +141,9 @@ def _dims(t: Any) -> list[int | str]:
 def _notes(lowered: Any) -> list[str]:
     if not lowered.folded:
         return []
-    return [f"{len(lowered.folded)} two-level parameter constants (quantized block scales/minimums, e.g. after "
-            "compress-scales or from K-quants) are folded at compile time to one f32 (i32 for zero points) per "
-            "block in params.safetensors (folded_params); the weight codes stay packed"]
+    return [f"{len(lowered.folded)} quantized parameter constants that the kernels cannot read as stored (three "
+            "levels of scales, or a quantized zero point) are folded at compile time to one f32 (i32 for zero "
+            "points) per block in params.safetensors (folded_params); the weight codes stay packed"]
 
 
 def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str], *,

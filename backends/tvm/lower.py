@@ -67,7 +67,7 @@ class LoweredModule:
     kernels: dict[str, int] = field(default_factory=dict)
     inplace: dict[str, dict[int, int]] = field(default_factory=dict)
     folded: dict[str, str] = field(default_factory=dict)
-    """Two-level parameter constants (quantized scales/offsets/zero points of weights) folded at compile time:
+    """Quantized parameter constants the kernels cannot read as stored (three levels, quantized zero points), folded:
     qir constant name -> the parameter that holds its values (f32, or i32 for a zero point), one per block."""
 
 

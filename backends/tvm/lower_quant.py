@@ -9,9 +9,11 @@ as Relax expressions and its :class:`~qir.backends.tvm.qops.QLayout`.
 Weights in a GGUF block format (``qir import --keep-quantized``) arrive with ``offset=@...`` specs (the block
 minimum: ``x = scale*q + offset``), fp16 block parameters and, after ``compress-scales`` or for K-quants,
 two-level parameters (the scale/offset constants are quantized themselves). The weight codes stay packed; fp16
-parameters are passed as fp16 and widened inside the kernels; two-level parameters are folded to one f32 per
-block at compile time (:meth:`qir.backends.tvm.lower._FunctionLowering.weight_param`, listed in the artifact's
-``report.json``). The weight-only kernels dequantize ``f32(q - zp) * scale + offset`` in registers.
+parameters are passed as fp16 and widened inside the kernels; a two-level parameter is a :class:`QVal` itself
+(its codes stay as stored, :class:`~qir.backends.tvm.qops.NestedParam` dequantizes them where they are read); a
+deeper one is folded to one f32 per block at compile time
+(:meth:`qir.backends.tvm.lower._FunctionLowering.weight_param`, listed in the artifact's ``report.json``). The
+weight-only kernels dequantize ``f32(q - zp) * scale + offset`` in registers.
 """
 
 from __future__ import annotations
