@@ -37,6 +37,10 @@ barrier and the cores were oversubscribed: right after the run (load ~5.5) the s
 speed-up over llama.cpp; measure on a quiet machine. On the TVM side the weight matmuls of one 512-token prefill
 take ~4.3 s (``wmatmul`` alone, same load); the rest of the 91 s is the non-matmul kernels (attention, softmax,
 norms, RoPE under the generic schedule: issue #7).
+
+A speed-only rerun right after (same functions, no perplexity, repeats 2, load average 2-3) gave prefill512 /
+decode: ort-keep 2.19 s / 5.7 tok/s, tvm-keep 51.6 s / 11.7 tok/s, tvm-keep-cs 75.2 s / 7.2 tok/s, llama.cpp
+(2 threads) 10.8 s / 0.17 tok/s -- still the spin-wait collapse, against 55.8 tok/s with 1 thread.
 """
 
 from __future__ import annotations
