@@ -138,6 +138,14 @@ def _dims(t: Any) -> list[int | str]:
     return [d if isinstance(d, int) else str(d) for d in t.shape]
 
 
+def _notes(lowered: Any) -> list[str]:
+    if not lowered.folded:
+        return []
+    return [f"{len(lowered.folded)} quantized parameter constants that the kernels cannot read as stored (three "
+            "levels of scales, or a quantized zero point) are folded at compile time to one f32 (i32 for zero "
+            "points) per block in params.safetensors (folded_params); the weight codes stay packed"]
+
+
 def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str], *,
                 meta: dict[str, Any] | None = None, arch: str | None = None, use_kernels: bool | None = None,
                 finish: Callable[[Path, dict[str, Any]], None] | None = None) -> Any:
@@ -186,7 +194,8 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
             "module": module.name, "target": target.name, "runtime": "tvm", "bind": {},
             "bytes": size, "library_bytes": (tmp / LIBRARY).stat().st_size,
             "params_bytes": (tmp / PARAMS).stat().st_size, "qir_stored_bytes": stored_bytes(module),
-            "functions": funcs, "fallbacks": [], "warnings": [], "notes": [],
+            "functions": funcs, "fallbacks": [], "warnings": [], "notes": _notes(lw),
+            "folded_params": dict(sorted(lw.folded.items())),
             "kernels": dict(sorted(lw.kernels.items())),
             "compile_seconds": {k: round(v, 2) for k, v in built.seconds.items()},
             "tvm_target": str(built.target.kind.name), "debug": debug, **(meta or {}),

@@ -35,6 +35,7 @@ from qir.backends.tvm.qops import tvm_dtype
 from qir.errors import QirError
 from qir.graph import Function, Module, Op, Value
 from qir.quant import QTensor
+from qir.quantspec import QuantSpec
 from qir.shapes import Dim, SymDim
 from qir.types import TensorType
 
@@ -65,6 +66,9 @@ class LoweredModule:
     names: dict[str, dict[str, str]] = field(default_factory=dict)
     kernels: dict[str, int] = field(default_factory=dict)
     inplace: dict[str, dict[int, int]] = field(default_factory=dict)
+    folded: dict[str, str] = field(default_factory=dict)
+    """Quantized parameter constants the kernels cannot read as stored (three levels, quantized zero points), folded:
+    qir constant name -> the parameter that holds its values (f32, or i32 for a zero point), one per block."""
 
 
 def _sanitize(name: str) -> str:
@@ -101,6 +105,8 @@ class _FunctionLowering(QuantLowering):
         self.env: dict[int, Any] = {}
         self.names: dict[str, str] = {}
         self.const_vars: dict[str, Any] = {}   # constant name -> Relax param var (or inline const)
+        self.fold: dict[str, str] = {}         # quantized parameter constant -> the dtype it is folded to
+        self.folded: dict[str, str] = {}       # ... -> the name of the parameter holding its folded values
         self.param_order: list[str] = []
         self.param_vars: list[Any] = []
         self.inplace: dict[int, int] = {}
@@ -133,8 +139,23 @@ class _FunctionLowering(QuantLowering):
 
     # -- constants ------------------------------------------------------------------------------------------
     def _const_names(self) -> list[str]:
-        """Constants the function reads (operands and the scale/zero-point constants their specs name)."""
+        """Constants the function reads (operands and the scale/zero-point/offset constants their specs name).
+
+        A scale or offset constant that is itself quantized (two-level: ``compress-scales``, K-quants) is declared
+        with its own codes and parameters and dequantized where it is read (:meth:`nestable`); anything deeper,
+        or a quantized zero point, goes to ``self.fold`` and is folded to one value per block at compile time.
+        """
         seen: dict[str, None] = {}
+
+        def add_refs(spec: QuantSpec) -> None:
+            roles = ((spec.scale, "float32"), (spec.zero_point, "int32"), (spec.offset, "float32"))
+            for ref, dt in roles:
+                if not isinstance(ref, str):
+                    continue
+                if self.module.constant(ref).type.quant is not None and not (dt == "float32" and self.nestable(ref)):
+                    self.fold.setdefault(ref, dt)
+                else:
+                    add(ref)
 
         def add(name: str) -> None:
             if name in seen:
@@ -142,8 +163,7 @@ class _FunctionLowering(QuantLowering):
             seen[name] = None
             c = self.module.constant(name)
             if c.type.quant is not None:
-                for ref in c.type.quant.constant_refs:
-                    add(ref)
+                add_refs(c.type.quant)
 
         for op in self.func.ops:
             for v in op.operands:
@@ -151,8 +171,7 @@ class _FunctionLowering(QuantLowering):
                     add(v.name)
             for r in op.results:
                 if r.type.quant is not None:
-                    for ref in r.type.quant.constant_refs:
-                        add(ref)
+                    add_refs(r.type.quant)
         return list(seen)
 
     def _declare_constants(self) -> None:
@@ -183,12 +202,24 @@ class _FunctionLowering(QuantLowering):
             self.const_vars[name] = var
             self.param_order.append(pname)
             self.param_vars.append(var)
+        for name, dt in self.fold.items():
+            # The interpreter's values of a two-level parameter (one per block), computed once here.
+            data = np.ascontiguousarray(np.asarray(self.ctx._param(name, np.float32 if dt == "float32" else np.int32)))
+            pname = _sanitize(f"{name}.{'f32' if dt == 'float32' else 'i32'}")
+            self.params.setdefault(pname, data)
+            var = relax.Var(pname, relax.TensorType(list(data.shape), dt))
+            self.folded[name] = pname
+            self.const_vars[f"{name}.{dt}"] = var
+            self.param_order.append(pname)
+            self.param_vars.append(var)
 
     def _param_expr(self, ref: float | int | str | None, dt: str) -> Any:
         """A scale/zero-point reference as a Relax tensor (literals become ``[1]`` constants)."""
         if ref is None:
             return None
         if isinstance(ref, str):
+            if ref in self.fold and self.fold[ref] == dt:
+                return self.const_vars[f"{ref}.{dt}"]
             e = self.const_vars[ref]
             c = self.module.constant(ref)
             value = self.ctx._param(ref, np.float32 if dt == "float32" else np.int32)
@@ -206,11 +237,35 @@ class _FunctionLowering(QuantLowering):
             data = data.reshape(1)
         return self.relax.const(np.ascontiguousarray(data), str(data.dtype))
 
+    def nestable(self, ref: str) -> bool:
+        """Whether the quantized parameter constant ``@ref`` is read as a :class:`QVal` (dequantized where it is
+        used): its own scale, zero point and offset are plain constants or literals (two levels, not three)."""
+        spec = self.module.constant(ref).type.quant
+        return spec is not None and not spec.dynamic and all(
+            self.module.constant(r).type.quant is None for r in spec.constant_refs)
+
+    def weight_param(self, ref: str | None) -> Any:
+        """A constant's scale or offset for the dequantizing kernels: an f16 constant stays f16 (GGUF's block
+        parameters; the kernels widen it in registers), an f32 one f32, a two-level one a :class:`QVal` (its
+        codes, dequantized where they are read), a deeper one its folded f32."""
+        if ref is None:
+            return None
+        c = self.module.constant(ref)
+        if c.type.quant is not None and ref not in self.fold and self.nestable(ref):
+            return self.qconst_named(ref)
+        if c.type.quant is None and c.type.dtype.name in ("f16", "f32") and len(c.type.shape) > 0:
+            return self.const_vars[ref]
+        return self._param_expr(ref, "float32")
+
     def qconst(self, v: Value) -> QVal:
-        t = v.type
+        return self.qconst_named(v.name)
+
+    def qconst_named(self, name: str) -> QVal:
+        t = self.module.constant(name).type
         assert t.quant is not None
-        return QVal(self.const_vars[v.name], self._param_expr(t.quant.scale, "float32"),
-                    self._param_expr(t.quant.zero_point, "int32"), layout_of(t), t)
+        return QVal(self.const_vars[name], self.weight_param(t.quant.scale)
+                    if isinstance(t.quant.scale, str) else self._param_expr(t.quant.scale, "float32"),
+                    self._param_expr(t.quant.zero_point, "int32"), layout_of(t), t, self.weight_param(t.quant.offset))
 
     # -- emission -----------------------------------------------------------------------------------------
     def emit(self, expr: Any, v: Value) -> Any:
@@ -620,10 +675,12 @@ def lower_module(module: Module, *, target: Any = None, functions: Sequence[str]
     sigs: dict[str, dict[str, list[str]]] = {}
     names: dict[str, dict[str, str]] = {}
     inplace: dict[str, dict[int, int]] = {}
+    folded: dict[str, str] = {}
     for fname in functions or list(module.functions):
         fl = _FunctionLowering(module, module.function(fname), bb, target, params, kernels, use_kernels)
         sigs[fname] = fl.lower()
+        folded.update(fl.folded)
         names[fname] = fl.names
         inplace[fname] = fl.inplace
     mod = bb.get()
-    return LoweredModule(mod, params, sigs, names, kernels, inplace)
+    return LoweredModule(mod, params, sigs, names, kernels, inplace, folded)

@@ -3,8 +3,17 @@
 :class:`QuantLowering` holds the methods of :class:`qir.backends.tvm.lower._FunctionLowering` for ``quantize``,
 ``dequantize``, ``requantize``, ``qembedding`` and ``qmatmul`` (integer path and weight-only), and the calls into
 ``qir.backends.tvm.kernels`` (``qmatmul_i8``, ``wmatmul``, ``matmul_f32``) with their fallbacks to the TE computes
-of :mod:`.qops`. A quantized value is a :class:`QVal` while it is lowered: its codes, scale and zero point as
-Relax expressions and its :class:`~qir.backends.tvm.qops.QLayout`.
+of :mod:`.qops`. A quantized value is a :class:`QVal` while it is lowered: its codes, scale, zero point and offset
+as Relax expressions and its :class:`~qir.backends.tvm.qops.QLayout`.
+
+Weights in a GGUF block format (``qir import --keep-quantized``) arrive with ``offset=@...`` specs (the block
+minimum: ``x = scale*q + offset``), fp16 block parameters and, after ``compress-scales`` or for K-quants,
+two-level parameters (the scale/offset constants are quantized themselves). The weight codes stay packed; fp16
+parameters are passed as fp16 and widened inside the kernels; a two-level parameter is a :class:`QVal` itself
+(its codes stay as stored, :class:`~qir.backends.tvm.qops.NestedParam` dequantizes them where they are read); a
+deeper one is folded to one f32 per block at compile time
+(:meth:`qir.backends.tvm.lower._FunctionLowering.weight_param`, listed in the artifact's ``report.json``). The
+weight-only kernels dequantize ``f32(q - zp) * scale + offset`` in registers.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ class QVal:
     zp: Any | None
     lay: QLayout
     type: TensorType
+    offset: Any | None = None
 
 
 def layout_of(t: TensorType) -> QLayout:
@@ -113,11 +123,51 @@ class QuantLowering:
         x = self.plain(op, op.operands[0])
         return [self._quantize_float(op, x, op.operands[0].type, op.result.type, op.result)]
 
+    @staticmethod
+    def _flat(*params: Any) -> list[Any]:
+        """Relax arguments of block parameters, in order: a plain tensor as itself, a two-level one (a
+        :class:`QVal`) as its codes, scale, zero point and offset (what :meth:`_te_params` takes back)."""
+        out: list[Any] = []
+        for p in params:
+            if isinstance(p, QVal):
+                out += [p.codes, p.scale] + [e for e in (p.zp, p.offset) if e is not None]
+            elif p is not None:
+                out.append(p)
+        return out
+
+    @staticmethod
+    def _te_params(it: Any, *params: Any) -> list[Any]:
+        """The TE tensors for ``params`` from the iterator ``it`` over ``emit_te``'s arguments (see :meth:`_flat`):
+        ``None`` stays ``None``, a two-level parameter becomes a :class:`~.qops.NestedParam`."""
+        out: list[Any] = []
+        for p in params:
+            if isinstance(p, QVal):
+                codes, scale = next(it), next(it)
+                zp = next(it) if p.zp is not None else None
+                off = next(it) if p.offset is not None else None
+                out.append(qops.NestedParam(codes, scale, zp, off, p.lay))
+            else:
+                out.append(next(it) if p is not None else None)
+        return out
+
     def _dequantize(self, q: QVal, out_dtype: str, v: Value | None) -> Any:
         shape = self.shape(q.type.shape)
-        args = [q.codes, q.scale] + ([q.zp] if q.zp is not None else [])
-        return self.emit_te(lambda C, S, *Z: qops.dequantize_te(C, S, Z[0] if Z else None, q.lay, shape, out_dtype),
-                            args, "dequantize", v)
+        args = [q.codes] + self._flat(q.scale, q.zp, q.offset)
+
+        def fn(C: Any, *rest: Any) -> Any:
+            s, z, o = self._te_params(iter(rest), q.scale, q.zp, q.offset)
+            return qops.dequantize_te(C, s, z, q.lay, shape, out_dtype, o)
+
+        return self.emit_te(fn, args, "dequantize", v)
+
+    def _f32(self, e: Any) -> Any:
+        """``e`` as a float32 Relax tensor (fp16 block scales of GGUF weights are widened for the integer path,
+        two-level ones dequantized)."""
+        if isinstance(e, QVal):
+            return self._dequantize(e, "float32", None)
+        if e is None or e.ty.dtype == "float32":
+            return e
+        return self.bb.emit(self.relax.op.astype(e, "float32"))
 
     def op_dequantize(self, op: Op) -> list[Any]:
         q = self.get(op.operands[0])
@@ -137,10 +187,11 @@ class QuantLowering:
         assert isinstance(table, QVal)
         dim = table.type.shape[1]
         dt = tvm_dtype(op.result.type.dtype)
-        args = [table.codes, table.scale, ids] + ([table.zp] if table.zp is not None else [])
+        args = [table.codes, ids] + self._flat(table.scale, table.zp, table.offset)
 
-        def fn(tab: Any, s: Any, ids_te: Any, *z: Any) -> Any:
-            return qops.qembedding_te(tab, s, z[0] if z else None, table.lay, ids_te, dim, dt)
+        def fn(tab: Any, ids_te: Any, *rest: Any) -> Any:
+            s, z, o = self._te_params(iter(rest), table.scale, table.zp, table.offset)
+            return qops.qembedding_te(tab, s, z, table.lay, ids_te, dim, dt, o)
 
         return [self.emit_te(fn, args, "qembedding", op.result)]
 
@@ -155,6 +206,10 @@ class QuantLowering:
             raise self.fail(op, "the weight needs fixed sizes")
         out_dt = tvm_dtype(op.result.type.dtype)
         if isinstance(x, QVal):
+            if w.offset is not None:  # type inference refuses it too; say so here should a module skip it
+                raise self.fail(op, f"the weight {op.operands[1].ref} has an offset (x = scale*q + offset), which "
+                                    "the integer path cannot fold into its int32 accumulator; feed x as float")
+            w = QVal(w.codes, self._f32(w.scale), w.zp, w.lay, w.type)
             y = self._kernel_qmatmul_i8(op, x, w, b, n, k)
             if y is None:
                 self.kernel_counts["te:qmatmul"] = self.kernel_counts.get("te:qmatmul", 0) + 1
@@ -178,14 +233,11 @@ class QuantLowering:
             y = self._kernel_wmatmul(op, x, w, b, n, k)
             if y is None:
                 self.kernel_counts["te:wmatmul"] = self.kernel_counts.get("te:wmatmul", 0) + 1
-                args = [x, w.codes, w.scale] + [e for e in (w.zp, b) if e is not None]
-                wz, hb = w.zp is not None, b is not None
+                args = [x, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
 
-                def wfn(X: Any, WQ: Any, SW: Any, *rest: Any) -> Any:
-                    it = iter(rest)
-                    zw = next(it) if wz else None
-                    bias = next(it) if hb else None
-                    return qops.wmatmul_te(X, WQ, SW, zw, w.lay, n, k, bias)
+                def wfn(X: Any, WQ: Any, *rest: Any) -> Any:
+                    sw, zw, ow, bias = self._te_params(iter(rest), w.scale, w.zp, w.offset, b)
+                    return qops.wmatmul_te(X, WQ, sw, zw, w.lay, n, k, bias, ow)
 
                 y = self.emit_te(wfn, args, "wmatmul", None if out_dt != "float32" else op.result)
         if out_dt != "float32":
@@ -296,15 +348,26 @@ class QuantLowering:
             return None
         if wl.axis is None or (wl.bits == 4 and k % 2) or op.operands[0].type.dtype.name != "f32":
             return None
-        if wl.has_zp == wl.signed:  # the kernel's contract: symmetric = signed codes, asymmetric = unsigned
+        if wl.has_zp and wl.signed:  # the kernel's zero points go with unsigned codes (qir's asymmetric specs)
             return None
         x2, m = self._rows(x, op.operands[0].type)
+        sdt, odt = self._kernel_param_dtype(kern, w.scale), self._kernel_param_dtype(kern, w.offset)
         try:
             prim = kern.wmatmul(self._m_arg(m), n, k, wl.bits, wl.group or 0, self.target,
-                                symmetric=not wl.has_zp, bias=b is not None)
+                                symmetric=not wl.has_zp, signed=wl.signed, bias=b is not None,
+                                offset=w.offset is not None, scale_dtype=sdt, offset_dtype=odt)
         except Exception:  # noqa: BLE001 - fall back to the TE compute
             prim = None
         if prim is None:
             return None
-        args = [x2, w.codes, w.scale] + ([w.zp] if w.zp is not None else []) + ([b] if b is not None else [])
+        args = [x2, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
         return self._call_kernel(op, prim, f"wmatmul{wl.bits}_k", args, m, n, op.operands[0].type)
+
+    @staticmethod
+    def _kernel_param_dtype(kern: Any, p: Any) -> Any:
+        """What :func:`~qir.backends.tvm.kernels.wmatmul` takes for a block parameter: its dtype, or a ``Nested``."""
+        if p is None:
+            return "float32"
+        if isinstance(p, QVal):
+            return kern.Nested(p.lay, p.scale.ty.dtype, None if p.offset is None else p.offset.ty.dtype)
+        return p.ty.dtype

@@ -9,7 +9,9 @@ integer results are bit-exact:
 * dynamic parameters: ``min``/``max`` per group widened to contain 0, then qir's ``params_from_range``;
 * ``qmatmul`` integer path: exact int32 accumulation per weight group, then ``f32(acc) * f32(sx * sw)``
   summed over groups in order, then ``+ bias``;
-* ``dequantize`` / weight-only ``qmatmul`` / ``qembedding``: ``f32(q - zp) * scale``.
+* ``dequantize`` / weight-only ``qmatmul`` / ``qembedding``: ``f32(q - zp) * scale (+ offset)``; the offset is
+  the spec's ``offset=@...`` (GGUF's block minimum), in the scale's layout. Scale and offset tensors may be
+  ``float16`` (GGUF's own block parameters): they are widened to f32 where they are read, which is exact.
 
 Parameter layout (:class:`QParam`): a per-tensor scale or zero point is a ``[1]`` tensor (never 0-d), a
 per-axis one ``[n]``, a per-group one the tensor's shape with the grouped axis divided (qir's layout).
@@ -28,8 +30,8 @@ import numpy as np
 
 from qir.dtypes import DType
 
-__all__ = ["QLayout", "code_at", "param_index", "quantize_te", "dequantize_te", "dyn_scale_te", "dyn_zp_te",
-           "qmatmul_int_te", "wmatmul_te", "qembedding_te", "pack_rows", "tvm_dtype"]
+__all__ = ["QLayout", "NestedParam", "code_at", "param_index", "quantize_te", "dequantize_te", "dyn_scale_te",
+           "dyn_zp_te", "qmatmul_int_te", "wmatmul_te", "qembedding_te", "pack_rows", "tvm_dtype"]
 
 _TVM_DTYPES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64",
                "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool",
@@ -94,12 +96,41 @@ def param_index(lay: QLayout, idx: Sequence[Any]) -> tuple[Any, ...]:
     return tuple(tir.floordiv(i, lay.group) if a == lay.axis else i for a, i in enumerate(idx))
 
 
-def _dequant_elem(codes: Any, scale: Any, zp: Any | None, lay: QLayout, idx: Sequence[Any]) -> Any:
+def _f32(e: Any) -> Any:
+    """``e`` widened to f32 (a buffer load has ``dtype``, a computed expression such as a nested dequantization
+    ``ty``)."""
+    dt = getattr(e, "dtype", None)
+    return e if str(dt if dt is not None else e.ty) == "float32" else e.astype("float32")
+
+
+@dataclass(frozen=True)
+class NestedParam:
+    """A block parameter (scale or offset) that is quantized itself (two-level: ``compress-scales``, K-quants).
+
+    Indexing it dequantizes in place, ``f32(codes[i] - zp) * scale[p(i)] + offset[p(i)]`` (the interpreter's
+    values, up to an FMA), so the kernels read the small codes instead of one f32 per block.
+    """
+
+    codes: Any
+    scale: Any
+    zp: Any | None
+    offset: Any | None
+    lay: QLayout
+
+    dtype = "float32"
+
+    def __getitem__(self, idx: Any) -> Any:
+        return _dequant_elem(self.codes, self.scale, self.zp, self.lay, tuple(idx), self.offset)
+
+
+def _dequant_elem(codes: Any, scale: Any, zp: Any | None, lay: QLayout, idx: Sequence[Any],
+                  offset: Any | None = None) -> Any:
     q = code_at(codes, lay, idx)
     p = param_index(lay, idx)
     if zp is not None:
         q = q - _i32(zp[p])
-    return q.astype("float32") * scale[p]
+    v = q.astype("float32") * _f32(scale[p])
+    return v + _f32(offset[p]) if offset is not None else v
 
 
 def quantize_te(x: Any, scale: Any, zp: Any | None, lay: QLayout, out_dtype: str) -> Any:
@@ -120,12 +151,12 @@ def quantize_te(x: Any, scale: Any, zp: Any | None, lay: QLayout, out_dtype: str
 
 
 def dequantize_te(codes: Any, scale: Any, zp: Any | None, lay: QLayout, shape: Sequence[Any],
-                  out_dtype: str = "float32") -> Any:
-    """``f32(q - zp) * scale`` at every element (``shape``: the logical shape, codes may be packed)."""
+                  out_dtype: str = "float32", offset: Any | None = None) -> Any:
+    """``f32(q - zp) * scale (+ offset)`` at every element (``shape``: the logical shape, codes may be packed)."""
     from tvm import te
 
     def f(*idx: Any) -> Any:
-        v = _dequant_elem(codes, scale, zp, lay, idx)
+        v = _dequant_elem(codes, scale, zp, lay, idx, offset)
         return v if out_dtype == "float32" else v.astype(out_dtype)
 
     return te.compute(tuple(shape), f, name="dequantize")
@@ -202,7 +233,7 @@ def qmatmul_int_te(xq: Any, sx: Any, zx: Any | None, xlay: QLayout, wq: Any, sw:
         s_x = sx[xrow(rows)]
 
         def term(g: Any) -> Any:
-            s_w = sw[param_index(wlay, (j, g * gsize))]
+            s_w = _f32(sw[param_index(wlay, (j, g * gsize))])
             return acc[tuple(rows) + (g, j)].astype("float32") * (s_x * s_w)
 
         if ngroups == 1:
@@ -218,7 +249,8 @@ def qmatmul_int_te(xq: Any, sx: Any, zx: Any | None, xlay: QLayout, wq: Any, sw:
     return y
 
 
-def wmatmul_te(x: Any, wq: Any, sw: Any, zw: Any | None, wlay: QLayout, n: int, k: int, bias: Any | None) -> Any:
+def wmatmul_te(x: Any, wq: Any, sw: Any, zw: Any | None, wlay: QLayout, n: int, k: int, bias: Any | None,
+               offset: Any | None = None) -> Any:
     """Weight-only ``qmatmul``: f32 ``x [..., K]`` times the dequantized (in-kernel) ``w [N, K]``."""
     from tvm import te
 
@@ -227,7 +259,7 @@ def wmatmul_te(x: Any, wq: Any, sw: Any, zw: Any | None, wlay: QLayout, n: int, 
     def f(*idx: Any) -> Any:
         *rows, j = idx
         r = te.reduce_axis((0, k), name="k")
-        return te.sum(x[tuple(rows) + (r,)].astype("float32") * _dequant_elem(wq, sw, zw, wlay, (j, r)), axis=r)
+        return te.sum(x[tuple(rows) + (r,)].astype("float32") * _dequant_elem(wq, sw, zw, wlay, (j, r), offset), axis=r)
 
     y = te.compute(lead + (n,), f, name="wmatmul")
     if bias is not None:
@@ -236,14 +268,14 @@ def wmatmul_te(x: Any, wq: Any, sw: Any, zw: Any | None, wlay: QLayout, n: int, 
 
 
 def qembedding_te(table: Any, scale: Any, zp: Any | None, lay: QLayout, ids: Any, dim: int,
-                  out_dtype: str = "float32") -> Any:
+                  out_dtype: str = "float32", offset: Any | None = None) -> Any:
     """Rows of a quantized ``[vocab, dim]`` table at ``ids``, dequantized as they are gathered."""
     from tvm import te
 
     def f(*idx: Any) -> Any:
         *pos, d = idx
         row = ids[tuple(pos)].astype("int64")
-        v = _dequant_elem(table, scale, zp, lay, (row, d))
+        v = _dequant_elem(table, scale, zp, lay, (row, d), offset)
         return v if out_dtype == "float32" else v.astype(out_dtype)
 
     return te.compute(tuple(ids.shape) + (dim,), f, name="qembedding")

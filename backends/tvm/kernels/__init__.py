@@ -29,17 +29,23 @@ style, as ``relax.call_tir`` expects).
     ``[N]``. The kernel re-lays the weight into dot-product tiles and adds the zero-point/sign
     compensation (``c * rowsum(W)``) itself, so callers pass qir's tensors unchanged.
 
-``wmatmul(M, N, K, bits, group, target, *, symmetric=True, bias=False)``
+``wmatmul(M, N, K, bits, group, target, *, symmetric=True, bias=False, signed=None, offset=False,
+scale_dtype="float32", offset_dtype="float32")``
     qir ``qmatmul`` with float activations (weight-only, w8a16 / w4a16), dequantized inside the kernel.
     Parameters: ``X[M, K] f32``; the packed weight ``Wq``: ``bits=8``: ``[N, K]`` ``int8`` (symmetric) or
     ``uint8`` (asymmetric); ``bits=4``: ``[N, K // 2]`` ``uint8``, qir's packing
     (``qir.safetensors_io.pack``: element ``2k`` of a row in the low nibble of byte ``k``, ``2k+1`` in
     the high nibble; two's-complement ``i4`` when symmetric, ``u4`` otherwise; ``K`` must be even);
     ``scale`` f32 ``[N]`` (``group`` 0/None: one per output row) or ``[N, ceil(K / group)]``;
-    ``zero_point`` int32 of the same shape as ``scale`` (only when ``symmetric=False``); ``bias[N] f32``
-    (only with ``bias=True``); output ``Y[M, N] f32``::
+    ``zero_point`` int32 of the same shape as ``scale`` (only when ``symmetric=False``); ``offset`` of the
+    same shape (only with ``offset=True``: GGUF's block minimum); ``bias[N] f32`` (only with ``bias=True``);
+    output ``Y[M, N] f32``::
 
-        Y[m, n] = sum_k X[m, k] * (f32(q[n, k] - zp[n, g(k)]) * scale[n, g(k)])  (+ bias[n])
+        Y[m, n] = sum_k X[m, k] * (f32(q[n, k] - zp[n, g(k)]) * scale[n, g(k)] + offset[n, g(k)])  (+ bias[n])
+
+    ``signed`` (default ``symmetric``) reads the codes as two's complement or unsigned whatever the zero
+    point (GGUF Q4_1/Q5_1: unsigned codes, no zero point, an offset); ``scale_dtype``/``offset_dtype``
+    ``"float16"`` keeps GGUF's fp16 block parameters fp16 in memory (widened to f32 in registers, exact).
 
     A static ``M == 1`` gets the GEMV schedule (decode: parallel over N, vectorized over K);
     anything else (including a dynamic ``M``) the tiled GEMM schedule.
@@ -59,6 +65,6 @@ from __future__ import annotations
 from qir.backends.tvm.kernels.cpu_features import CpuFeatures, features_of
 from qir.backends.tvm.kernels.matmul_f32 import matmul_f32
 from qir.backends.tvm.kernels.qmatmul_i8 import qmatmul_i8
-from qir.backends.tvm.kernels.wmatmul import wmatmul
+from qir.backends.tvm.kernels.wmatmul import Nested, wmatmul
 
-__all__ = ["CpuFeatures", "features_of", "matmul_f32", "qmatmul_i8", "wmatmul"]
+__all__ = ["CpuFeatures", "Nested", "features_of", "matmul_f32", "qmatmul_i8", "wmatmul"]

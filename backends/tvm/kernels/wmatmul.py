@@ -16,6 +16,8 @@ int4 nibbles: element ``2j`` of a row in the low nibble of byte ``j``, ``2j+1`` 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm import s_tir, te, tirx
 
@@ -24,9 +26,59 @@ from qir.backends.tvm.kernels.cpu_features import features_of
 from qir.backends.tvm.kernels.matmul_f32 import packed_gemm, schedule_gemm, schedule_gemv_rows
 
 
+@dataclass(frozen=True)
+class Nested:
+    """A two-level block parameter: its ``[N, G]`` codes laid out as ``lay`` (``qops.QLayout``: axis, group, bits,
+    signedness, zero point), with a ``scale_dtype`` scale, an optional zero point and an optional ``offset_dtype``
+    offset in that layout (``compress-scales``: per row, axis 0; K-quants: per super-block, axis 1)."""
+
+    lay: object
+    scale_dtype: str = "float16"
+    offset_dtype: str | None = None
+
+
+def _param_placeholders(name: str, dt: str | Nested, N: int, G: int | None) -> tuple[list[te.Tensor], object]:
+    """Placeholders of one block parameter (plain or :class:`Nested`) and what indexing it with ``(n[, g])`` reads."""
+    from qir.backends.tvm.qops import NestedParam
+
+    sshape = (N,) if G is None else (N, G)
+    if not isinstance(dt, Nested):
+        t = te.placeholder(sshape, dt, name=name)
+        return [t], t
+    lay = dt.lay
+    per = 8 // lay.bits  # type: ignore[attr-defined]
+    cshape = sshape[:-1] + (-(-sshape[-1] // per),)
+    cdt = "uint8" if per > 1 or not lay.signed else "int8"  # type: ignore[attr-defined]
+    codes = te.placeholder(cshape, cdt, name=f"{name}_codes")
+    ax, g2 = lay.axis, lay.group  # type: ignore[attr-defined]
+    pshape = (1,) if ax is None else (sshape[ax],) if g2 is None else tuple(
+        -(-d // g2) if i == ax else d for i, d in enumerate(sshape))
+    s2 = te.placeholder(pshape, dt.scale_dtype, name=f"{name}_scale")
+    ts = [codes, s2]
+    zp2 = off2 = None
+    if lay.has_zp:  # type: ignore[attr-defined]
+        zp2 = te.placeholder(pshape, "int32", name=f"{name}_zp")
+        ts.append(zp2)
+    if dt.offset_dtype is not None:
+        off2 = te.placeholder(pshape, dt.offset_dtype, name=f"{name}_offset")
+        ts.append(off2)
+    return ts, NestedParam(codes, s2, zp2, off2, lay)  # type: ignore[arg-type]
+
+
 def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.target.Target | str | dict, *,
-            symmetric: bool = True, bias: bool = False) -> tirx.PrimFunc | None:
-    """Scheduled weight-only ``qmatmul``; parameters and formula in :mod:`qir.backends.tvm.kernels`."""
+            symmetric: bool = True, bias: bool = False, signed: bool | None = None, offset: bool = False,
+            scale_dtype: str | Nested = "float32", offset_dtype: str | Nested = "float32") -> tirx.PrimFunc | None:
+    """Scheduled weight-only ``qmatmul``; parameters and formula in :mod:`qir.backends.tvm.kernels`.
+
+    ``signed`` (default: ``symmetric``) says how the codes read (two's complement or unsigned) independently of
+    the zero point, so unsigned codes without a zero point (GGUF Q4_1/Q5_1: ``x = d*q + m``) fit too.
+    ``offset``: an ``offset`` tensor in the scale's layout is added after scaling (``f32(q - zp)*scale + offset``,
+    the GGUF minimum), inside the dequantization, so GEMV and GEMM pay one add per weight element (GEMM only
+    once per call, when it dequantizes into its panels). ``scale_dtype``/``offset_dtype``: ``"float32"`` or
+    ``"float16"`` (GGUF's own fp16 block parameters, kept fp16 in memory and widened in registers: exact), or a
+    :class:`Nested` two-level parameter (its codes and their own parameters are passed instead of the parameter,
+    in that order, and dequantized in registers: ``compress-scales`` keeps its 8 bits per block at run time).
+    """
     check_dims("wmatmul", M=M, N=N, K=K)
     if bits not in (4, 8):
         raise ValueError(f"wmatmul: bits must be 4 or 8, got {bits}")
@@ -34,22 +86,32 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
         raise ValueError(f"wmatmul: int4 weights need an even K (two per byte per row), got K={K}")
     if group is not None and group <= 0:
         group = None
+    if signed is None:
+        signed = symmetric
+    for what, dt in (("scale_dtype", scale_dtype), ("offset_dtype", offset_dtype)):
+        if not isinstance(dt, Nested) and dt not in ("float32", "float16"):
+            raise ValueError(f"wmatmul: {what} must be 'float32' or 'float16', got {dt!r}")
     feat = features_of(target_of(target))
     if feat is None:
         return None
 
     X = te.placeholder((M, K), "float32", name="X")
     if bits == 8:
-        Wq = te.placeholder((N, K), "int8" if symmetric else "uint8", name="Wq")
+        Wq = te.placeholder((N, K), "int8" if signed else "uint8", name="Wq")
     else:
         Wq = te.placeholder((N, K // 2), "uint8", name="Wq")
-    sshape = (N,) if group is None else (N, -(-K // group))
-    scale = te.placeholder(sshape, "float32", name="scale")
-    params = [X, Wq, scale]
+    G = None if group is None else -(-K // group)
+    sshape = (N,) if G is None else (N, G)
+    scale_ts, scale = _param_placeholders("scale", scale_dtype, N, G)
+    params = [X, Wq, *scale_ts]
     zp = None
     if not symmetric:
         zp = te.placeholder(sshape, "int32", name="zero_point")
         params.append(zp)
+    off = None
+    if offset:
+        off_ts, off = _param_placeholders("offset", offset_dtype, N, G)
+        params += off_ts
     bias_t = None
     if bias:
         bias_t = te.placeholder((N,), "float32", name="bias")
@@ -60,21 +122,26 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
             return Wq[n, k].astype("int32")
         byte = Wq[n, k // 2].astype("int32")
         nib = tirx.bitwise_and(tirx.shift_right(byte, (k % 2) * 4), 15)
-        return (tirx.bitwise_xor(nib, 8) - 8) if symmetric else nib
+        return (tirx.bitwise_xor(nib, 8) - 8) if signed else nib
+
+    from qir.backends.tvm.qops import _f32 as f32
 
     def deq(n: tirx.Var, k: tirx.Var) -> tirx.PrimExpr:
         idx = (n,) if group is None else (n, k // group)
         q = code(n, k) - zp[idx] if zp is not None else code(n, k)
-        return q.astype("float32") * scale[idx]
+        v = q.astype("float32") * f32(scale[idx])  # type: ignore[index]
+        return v + f32(off[idx]) if off is not None else v  # type: ignore[index]
 
     if is_static_one(M):
         if bits == 4:
             # Reduce over (byte, nibble) so each vector lane owns one byte and the shifts are constants
             # (a lane-varying ``(k % 2) * 4`` shift does not vectorize well).
+            # X is de-interleaved first (even and odd elements as two rows, K floats: nothing next to the weight)
+            # so a vector of lanes reads consecutive floats instead of gathering every other one.
+            Xd = te.compute((2, K // 2), lambda j, kb: X[0, kb * 2 + j], name="X_deint")
             kb = te.reduce_axis((0, K // 2), name="kb")
             j = te.reduce_axis((0, 2), name="j")
-            C = te.compute((1, N), lambda m, n: te.sum(X[m, kb * 2 + j] * deq(n, kb * 2 + j), axis=[kb, j]),
-                           name="C")
+            C = te.compute((1, N), lambda m, n: te.sum(Xd[j, kb] * deq(n, kb * 2 + j), axis=[kb, j]), name="C")
         else:
             kr = te.reduce_axis((0, K), name="k")
             C = te.compute((1, N), lambda m, n: te.sum(X[m, kr] * deq(n, kr), axis=kr), name="C")
