@@ -42,9 +42,11 @@ EVAL_TEXT = Path("/usr/share/common-licenses/GPL-3")
 QIR_SYSTEMS: dict[str, tuple[str, str, bool, dict[str, int]]] = {
     "qir-float": ("ort-cpu", "", False, {}),
     "qir-w8a8": ("ort-cpu", "quantize{scheme=w8a8}", False, {}),
+    "qir-w8a8-smooth": ("ort-cpu", "calibrate,fold-scales{smooth=0.5},quantize{scheme=w8a8}", True, {}),
     "qir-w8a16": ("ort-cpu", "quantize{scheme=w8a16}", False, {}),
     "qir-w4a16-g32": ("ort-cpu", "quantize{scheme=w4a16,group=32}", False, {}),
     "qir-w4a16-g32-asym": ("ort-cpu", "quantize{scheme=w4a16,group=32,symmetric=false}", False, {}),
+    "qir-w4a16-g32-min": ("ort-cpu", "quantize{scheme=w4a16,group=32,zero=float},compress-scales", False, {}),
     "qir-ascend-npu-int8": ("ort-ascend", "calibrate,quantize{scheme=w8a8,act=static,embedding=none,head=none}",
                             True, {"batch": 1, "seq": SEQ}),
 }
@@ -170,8 +172,9 @@ def main() -> int:
                "compile_s": round(s, 1)})
 
     base = next((r for r in rows if r["system"] == "qir-float"), None)
-    peers = {"qir-w8a8": "ort-quantize_dynamic", "qir-w4a16-g32": "ort-matmulnbits",
-             "qir-w4a16-g32-asym": "ort-matmulnbits"}
+    peers = {"qir-w8a8": "ort-quantize_dynamic", "qir-w8a8-smooth": "ort-quantize_dynamic",
+             "qir-w4a16-g32": "ort-matmulnbits", "qir-w4a16-g32-asym": "ort-matmulnbits",
+             "qir-w4a16-g32-min": "ort-matmulnbits"}
     by = {r["system"]: r for r in rows}
     for r in rows:
         if base is not None:

@@ -38,7 +38,7 @@ PRESETS: dict[str, str] = {
     "w8a8": "quantize{scheme=w8a8}",
     "w8a8-smooth": "calibrate,fold-scales{smooth=0.5},quantize{scheme=w8a8}",
     "w8a16": "quantize{scheme=w8a16}",
-    "w4a16": "quantize{scheme=w4a16,group=32,symmetric=false}",
+    "w4a16": "quantize{scheme=w4a16,group=32,zero=float},compress-scales",
     "w4a16-mixed": 'mixed-precision{budget=5.5,candidates="8,4g32,4"},dce',
     "npu-int8": "calibrate,quantize{scheme=w8a8,act=static,embedding=none,head=none}",
     # No re-quantization: a GGUF model keeps its own blocks (imported with keep_quantized), a .qir stays as is.
@@ -52,7 +52,8 @@ PRESET_MEANING: dict[str, str] = {
     "w8a8-smooth": "w8a8 after SmoothQuant migration (norms -> q/k/v, gate/up; up -> down) from calibration text; "
                    "needs a tokenizer or --calib-text",
     "w8a16": "int8 weights per output channel, float activations (the default: +0.45% perplexity on SmolLM2)",
-    "w4a16": "int4 weights in groups of 32 with a zero point per group (MatMulNBits on ort-cpu), float activations",
+    "w4a16": "int4 weights in groups of 32 with a float scale and minimum per group (llama.cpp's Q4_1 blocks), "
+             "those stored as 8 bits against one fp16 pair per row (compress-scales); float activations",
     "w4a16-mixed": "8 or 4 bits per weight tensor, chosen by Hessian-weighted sensitivity on calibration text "
                    "under a 5.5 bits/param budget",
     "npu-int8": "static per-tensor int8 activations from calibration, as Ascend-style NPUs want",
