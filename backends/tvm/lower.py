@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from qir.backends.tvm import qops
+from qir.backends.tvm.lower_fused import FusedLowering
 from qir.backends.tvm.lower_quant import QuantLowering, QVal, layout_of
 from qir.backends.tvm.qops import tvm_dtype
 from qir.errors import QirError
@@ -81,7 +82,7 @@ _UNARY: dict[str, str] = {"not": "logical_not", "neg": "negative", "abs": "abs",
                           "sin": "sin", "cos": "cos"}
 
 
-class _FunctionLowering(QuantLowering):
+class _FunctionLowering(QuantLowering, FusedLowering):
     """Lowers one qir function into the shared BlockBuilder."""
 
     def __init__(self, module: Module, func: Function, bb: Any, target: Any, params: dict[str, np.ndarray],
@@ -308,6 +309,9 @@ class _FunctionLowering(QuantLowering):
 
     def op_gelu(self, op: Op) -> list[Any]:
         x = self.plain(op, op.operands[0])
+        fast = self._kernel_gelu(op, x)
+        if fast is not None:
+            return [fast]
         fn = self.relax.op.nn.gelu_tanh if op.attrs.get("approximate", "none") == "tanh" else self.relax.op.nn.gelu
         return [self.emit(fn(x), op.result)]
 
@@ -487,6 +491,9 @@ class _FunctionLowering(QuantLowering):
         qt, kt = op.operands[0].type, op.operands[1].type
         hq, hkv, d = qt.shape[1], kt.shape[1], qt.shape[3]
         dt = tvm_dtype(qt.dtype)
+        fused = self._kernel_attention(op, q, k, v)
+        if fused is not None:
+            return [fused]
         if hq != hkv:
             rep = int(hq) // int(hkv)  # type: ignore[arg-type]
             k = self.bb.emit(R.repeat(k, rep, axis=1))

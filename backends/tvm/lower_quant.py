@@ -63,6 +63,9 @@ class QuantLowering:
             raise self.fail(op, f"quantizing activations to the sub-byte type {t.dtype} is not supported by the "
                                 "TVM backend (use 8-bit activations)")
         if spec.dynamic:
+            fused = self._kernel_quantize_rows(op, x, xt, t, spec)  # type: ignore[attr-defined]
+            if fused is not None:
+                return fused
             scale, zp = self._dynamic_params(op, x, xt, spec.normalized(xt.rank), lay, t)
         else:
             scale = self._param_expr(spec.scale, "float32")

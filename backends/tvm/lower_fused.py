@@ -1,0 +1,132 @@
+"""Lowering of the float ops that have a scheduled CPU kernel: ``attention``, ``gelu`` and per-token ``quantize``.
+
+A mixin of :class:`qir.backends.tvm.lower._FunctionLowering` (like :mod:`.lower_quant`). Each ``_kernel_*``
+method returns the lowered Relax value, or ``None`` when the kernel does not apply (no scheduled kernels for the
+target, a dtype or shape the kernel does not take), and the caller then emits its generic lowering. Why these
+three: profiled on MiniLM w8a8 (``bench/tvm_profile.py``), the unfused attention (batched matmuls + five softmax
+passes), ``gelu`` (one scalar ``erff`` call per element) and the per-token quantization (``min``, ``max``, scale
+and codes as four passes) took 85% of the run under the generic schedule, the int8 matmuls 12%.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from qir.backends.tvm.lower_quant import QVal, layout_of
+from qir.backends.tvm.qops import tvm_dtype
+from qir.graph import Op
+from qir.quantspec import QuantSpec
+from qir.types import TensorType
+
+__all__ = ["FusedLowering"]
+
+
+class FusedLowering:
+    """``_kernel_attention``, ``_kernel_gelu`` and ``_kernel_quantize_rows`` (see the module docstring)."""
+
+    relax: Any
+    tir: Any
+    bb: Any
+    target: Any
+    kernel_counts: dict[str, int]
+    names: dict[str, str]
+
+    def _count(self, name: str) -> None:
+        self.kernel_counts[name] = self.kernel_counts.get(name, 0) + 1
+
+    def _kernel_attention(self, op: Op, q: Any, k: Any, v: Any) -> Any | None:
+        kern = self._kernels()  # type: ignore[attr-defined]
+        if kern is None:
+            return None
+        qt, kt, vt = (o.type for o in op.operands[:3])
+        if any(t.dtype.name != "f32" for t in (qt, kt, vt)) or op.result.type.dtype.name != "f32":
+            return None
+        b, hq, sq, d = qt.shape
+        hkv, sk, dv = kt.shape[1], kt.shape[2], vt.shape[3]
+        if not all(isinstance(x, int) for x in (hq, hkv, d, dv)):
+            return None
+        args = [q, k, v]
+        mask = None
+        if len(op.operands) > 3:
+            mt = op.operands[3].type
+            if mt.dtype.name not in ("bool", "f32"):
+                return None
+            m = self.plain(op, op.operands[3])  # type: ignore[attr-defined]
+            shape = (1,) * (4 - mt.rank) + tuple(mt.shape)
+            if mt.rank < 4:
+                m = self.bb.emit(self.relax.op.reshape(m, self.shape(shape)))  # type: ignore[attr-defined]
+            mask = (tvm_dtype(mt.dtype), tuple(s != 1 for s in shape))
+            args.append(m)
+        scale = op.attrs.get("scale")
+        if scale is None:
+            scale = 1.0 / float(d) ** 0.5
+
+        def static(x: Any) -> int | None:
+            return x if isinstance(x, int) else None
+
+        try:
+            prim = kern.attention(static(b), hq, hkv, static(sq), static(sk), d, dv, self.target,
+                                  scale=float(scale), causal=bool(op.attrs.get("causal")), mask=mask)
+        except Exception:  # noqa: BLE001 - a kernel that cannot be built falls back to the generic lowering
+            prim = None
+        if prim is None:
+            return None
+        gv = self.bb.add_func(prim.without_attr("global_symbol"), "attention_k")
+        self._count("attention")
+        out = self.relax.call_tir(gv, args, self.sinfo(op.result.type))  # type: ignore[attr-defined]
+        return self.emit(out, op.result)  # type: ignore[attr-defined]
+
+    def _kernel_gelu(self, op: Op, x: Any) -> Any | None:
+        """Exact (erf) ``gelu`` with the polynomial ``erf``: an elementwise TE compute the generic CPU rule
+        vectorizes (TVM's own ``erf`` is a scalar libm call per element)."""
+        kern = self._kernels()  # type: ignore[attr-defined]
+        if kern is None or op.attrs.get("approximate", "none") != "none" or op.result.type.dtype.name != "f32":
+            return None
+        from tvm import te
+
+        gelu = kern.mathfn.gelu_erf
+        self._count("gelu")
+        return self.emit_te(lambda X: te.compute(X.shape, lambda *i: gelu(X[i]), name="gelu"),  # type: ignore
+                            [x], "gelu", op.result)
+
+    def _kernel_quantize_rows(self, op: Op, x: Any, xt: TensorType, t: TensorType, spec: QuantSpec
+                              ) -> QVal | None:
+        """Dynamic per-token quantization (one scale, and zero point, per row of the last axis) in one kernel."""
+        kern = self._kernels()  # type: ignore[attr-defined]
+        if kern is None or not spec.dynamic or xt.dtype.name != "f32":
+            return None
+        norm = spec.normalized(xt.rank)
+        kdim = xt.shape[-1]
+        if norm.axis != xt.rank - 1 or not isinstance(kdim, int):
+            return None
+        if norm.group_size is None or norm.group_size < kdim:  # no group: a scale per column, not per row
+            return None
+        lay = layout_of(t)
+        if lay.packed or t.dtype.name not in ("i8", "u8"):
+            return None
+        x2, m = self._rows(x, xt)  # type: ignore[attr-defined]
+        try:
+            prim = kern.quantize_rows(self._m_arg(m), kdim, self.target,  # type: ignore[attr-defined]
+                                      out_dtype=tvm_dtype(t.dtype), qmin=lay.qmin, qmax=lay.qmax,
+                                      symmetric=not lay.has_zp)
+        except Exception:  # noqa: BLE001
+            prim = None
+        if prim is None:
+            return None
+        gv = self.bb.add_func(prim.without_attr("global_symbol"), "quantize_rows_k")
+        self._count("quantize_rows")
+        R = self.relax
+        outs = [R.TensorType([m, kdim], tvm_dtype(t.dtype)), R.TensorType([m], "float32")]
+        if lay.has_zp:
+            outs.append(R.TensorType([m], "int32"))
+        qrange = R.const(np.array([lay.qmin, lay.qmax], np.float32), "float32")
+        res = self.bb.emit(R.call_tir(gv, [x2, qrange], outs))
+        lead = self.shape(xt.shape[:-1])  # type: ignore[attr-defined]
+        codes = self.bb.emit(R.op.reshape(R.TupleGetItem(res, 0), lead + [kdim]))
+        self.names[op.result.name] = codes.name
+        # qir's per-row parameter layout: the tensor's shape with the grouped (last) axis of size 1.
+        scale = self.bb.emit(R.op.reshape(R.TupleGetItem(res, 1), lead + [1]))
+        zp = self.bb.emit(R.op.reshape(R.TupleGetItem(res, 2), lead + [1])) if lay.has_zp else None
+        return QVal(codes, scale, zp, lay, t)
