@@ -469,12 +469,18 @@ class _FunctionLowering(QuantLowering, FusedLowering):
     def op_layer_norm(self, op: Op) -> list[Any]:
         x = self.plain(op, op.operands[0])
         g, b = self._vec(op, 1, 1.0), self._vec(op, 2, 0.0)
+        fast = self._kernel_norm(op, "layer", x, [g, b])
+        if fast is not None:
+            return [fast]
         return [self.emit(self.relax.op.nn.layer_norm(x, g, b, axes=[-1], epsilon=float(op.attrs["eps"])),
                           op.result)]
 
     def op_rms_norm(self, op: Op) -> list[Any]:
         x = self.plain(op, op.operands[0])
         w = self._vec(op, 1, 1.0)
+        fast = self._kernel_norm(op, "rms", x, [w])
+        if fast is not None:
+            return [fast]
         return [self.emit(self.relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=float(op.attrs["eps"])), op.result)]
 
     def _reduce(self, op: Op) -> list[Any]:
@@ -538,6 +544,9 @@ class _FunctionLowering(QuantLowering, FusedLowering):
         return [self.emit(self.relax.op.reshape(x, self.shape(op.result.type.shape)), op.result)]
 
     def op_transpose(self, op: Op) -> list[Any]:
+        pre = self.__dict__.get("prelowered", {}).get(id(op.result))
+        if pre is not None:  # computed by the fused attention kernel in this layout (lower_fused)
+            return [pre]
         x = self.plain(op, op.operands[0])
         return [self.emit(self.relax.op.permute_dims(x, [int(p) for p in op.attrs["perm"]]), op.result)]
 

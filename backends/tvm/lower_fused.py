@@ -16,11 +16,15 @@ import numpy as np
 
 from qir.backends.tvm.lower_quant import QVal, layout_of
 from qir.backends.tvm.qops import tvm_dtype
-from qir.graph import Op
+from qir.graph import Op, Value
 from qir.quantspec import QuantSpec
 from qir.types import TensorType
 
 __all__ = ["FusedLowering"]
+
+
+def _is_head_transpose(op: Op) -> bool:
+    return op.opcode == "transpose" and [int(p) for p in op.attrs["perm"]] == [0, 2, 1, 3]
 
 
 class FusedLowering:
@@ -47,6 +51,17 @@ class FusedLowering:
         hkv, sk, dv = kt.shape[1], kt.shape[2], vt.shape[3]
         if not all(isinstance(x, int) for x in (hq, hkv, d, dv)):
             return None
+        # Read q/k/v through a head transpose ([B, S, H, D] -> [B, H, S, D]) and write the output in [B, S, H, D]
+        # when its only use transposes it back: the transposes then cost nothing (the unused ones are removed
+        # by DeadCodeElimination in the pipeline).
+        (q, lq), (k, lk), (v, lv) = (self._through_head_transpose(o, e)
+                                     for o, e in zip(op.operands[:3], (q, k, v)))
+        out_t, lo, back = op.result.type, "bhsd", None
+        uses = op.result.uses
+        if (len(uses) == 1 and _is_head_transpose(uses[0][0])
+                and id(op.result) not in self.output_ids):  # type: ignore[attr-defined]
+            back = uses[0][0].result
+            out_t, lo = back.type, "bshd"
         args = [q, k, v]
         mask = None
         if len(op.operands) > 3:
@@ -68,15 +83,29 @@ class FusedLowering:
 
         try:
             prim = kern.attention(static(b), hq, hkv, static(sq), static(sk), d, dv, self.target,
-                                  scale=float(scale), causal=bool(op.attrs.get("causal")), mask=mask)
+                                  scale=float(scale), causal=bool(op.attrs.get("causal")), mask=mask,
+                                  layouts=(lq, lk, lv, lo))
         except Exception:  # noqa: BLE001 - a kernel that cannot be built falls back to the generic lowering
             prim = None
         if prim is None:
             return None
         gv = self.bb.add_func(prim.without_attr("global_symbol"), "attention_k")
         self._count("attention")
-        out = self.relax.call_tir(gv, args, self.sinfo(op.result.type))  # type: ignore[attr-defined]
-        return self.emit(out, op.result)  # type: ignore[attr-defined]
+        out = self.relax.call_tir(gv, args, self.sinfo(out_t))  # type: ignore[attr-defined]
+        if back is None:
+            return self.emit(out, op.result)  # type: ignore[attr-defined]
+        # The attention's own [B, H, S, D] result is never materialized: its transpose is this value.
+        var = self.emit(out, back)  # type: ignore[attr-defined]
+        self.__dict__.setdefault("prelowered", {})[id(back)] = var
+        return var
+
+    def _through_head_transpose(self, v: Value, e: Any) -> tuple[Any, str]:
+        p = v.producer
+        if p is not None and _is_head_transpose(p) and not p.operands[0].is_constant:
+            src = self.env.get(id(p.operands[0]))  # type: ignore[attr-defined]
+            if src is not None and not isinstance(src, QVal) and p.operands[0].type.dtype.name == "f32":
+                return src, "bshd"
+        return e, "bhsd"
 
     def _kernel_gelu(self, op: Op, x: Any) -> Any | None:
         """Exact (erf) ``gelu`` with the polynomial ``erf``: an elementwise TE compute the generic CPU rule
@@ -90,6 +119,25 @@ class FusedLowering:
         self._count("gelu")
         return self.emit_te(lambda X: te.compute(X.shape, lambda *i: gelu(X[i]), name="gelu"),  # type: ignore
                             [x], "gelu", op.result)
+
+    def _kernel_norm(self, op: Op, kind: str, x: Any, params: list[Any]) -> Any | None:
+        """``layer_norm`` / ``rms_norm`` over the last axis: one kernel, a row per parallel task."""
+        kern = self._kernels()  # type: ignore[attr-defined]
+        xt = op.operands[0].type
+        k = xt.shape[-1]
+        if kern is None or xt.dtype.name != "f32" or op.result.type.dtype.name != "f32" or not isinstance(k, int):
+            return None
+        if any(o.type.dtype.name != "f32" for o in op.operands[1:]):
+            return None
+        x2, m = self._rows(x, xt)  # type: ignore[attr-defined]
+        try:
+            prim = kern.norm_rows(self._m_arg(m), k, self.target, kind=kind,  # type: ignore[attr-defined]
+                                  eps=float(op.attrs["eps"]))
+        except Exception:  # noqa: BLE001
+            prim = None
+        if prim is None:
+            return None
+        return self._call_kernel(op, prim, f"{kind}_norm_k", [x2, *params], m, k, xt)  # type: ignore[attr-defined]
 
     def _kernel_quantize_rows(self, op: Op, x: Any, xt: TensorType, t: TensorType, spec: QuantSpec
                               ) -> QVal | None:

@@ -54,7 +54,11 @@ style, as ``relax.call_tir`` expects).
 
 ``quantize_rows(M, K, target, *, out_dtype, qmin, qmax, symmetric)``
     qir's dynamic per-token ``quantize`` (range, scale, zero point and codes, bit-exact) in one kernel:
-    :mod:`qir.backends.tvm.kernels.quantize_rows`. ``mathfn`` holds the vectorizable ``exp``/``erf``/``gelu``.
+    :mod:`qir.backends.tvm.kernels.quantize_rows`.
+
+``norm_rows(M, K, target, *, kind, eps)``
+    ``layer_norm`` / ``rms_norm`` over the last axis, one row per task: :mod:`qir.backends.tvm.kernels.norm_rows`.
+    ``mathfn`` holds the vectorizable ``exp``/``erf``/``gelu``.
 
 Instruction selection follows the target's ``mcpu``/``mattr`` (never the build machine's; see
 :mod:`qir.backends.tvm.kernels.cpu_features`): the int8 kernel uses AVX512-VNNI ``vpdpbusd`` or AArch64
@@ -68,9 +72,10 @@ from qir.backends.tvm.kernels import mathfn
 from qir.backends.tvm.kernels.attention import attention
 from qir.backends.tvm.kernels.cpu_features import CpuFeatures, features_of
 from qir.backends.tvm.kernels.matmul_f32 import matmul_f32
+from qir.backends.tvm.kernels.norm_rows import norm_rows
 from qir.backends.tvm.kernels.qmatmul_i8 import qmatmul_i8
 from qir.backends.tvm.kernels.quantize_rows import quantize_rows
 from qir.backends.tvm.kernels.wmatmul import wmatmul
 
-__all__ = ["CpuFeatures", "attention", "features_of", "mathfn", "matmul_f32", "qmatmul_i8", "quantize_rows",
-           "wmatmul"]
+__all__ = ["CpuFeatures", "attention", "features_of", "mathfn", "matmul_f32", "norm_rows", "qmatmul_i8",
+           "quantize_rows", "wmatmul"]

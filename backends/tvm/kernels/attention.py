@@ -42,10 +42,13 @@ def _dim(v: int | None, name: str) -> str:
 
 def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, d: int, dv: int,
               target: tvm.target.Target | str | dict, *, scale: float, causal: bool = False,
-              mask: tuple[str, tuple[bool, bool, bool, bool]] | None = None) -> tirx.PrimFunc | None:
+              mask: tuple[str, tuple[bool, bool, bool, bool]] | None = None,
+              layouts: tuple[str, str, str, str] = ("bhsd", "bhsd", "bhsd", "bhsd")) -> tirx.PrimFunc | None:
     """The scheduled kernel, or ``None`` where there is none (not an ``llvm`` target, ``Dv`` not a whole number
     of vectors). ``mask``: ``(dtype, full)`` with ``dtype`` ``"bool"`` or ``"float32"`` and ``full[a]`` true where
-    the mask's axis ``a`` has the scores' size (false: size 1, broadcast)."""
+    the mask's axis ``a`` has the scores' size (false: size 1, broadcast). ``layouts``: of ``q``, ``k``, ``v`` and
+    the output, each ``"bhsd"`` (qir's ``[B, H, S, D]``) or ``"bshd"`` (``[B, S, H, D]``: the projection's output
+    before the head transpose, read and written in place of a transpose)."""
     feat = features_of(target_of(target))
     if feat is None or hq % hkv or (mask is not None and mask[0] not in ("bool", "float32")):
         return None
@@ -82,16 +85,30 @@ def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, 
     bias = "T.float32(0)" if addend is None else addend
     if allowed is not None:
         bias = f"T.Select({allowed}, {bias}, T.float32(-np.inf))"
+    if any(lay not in ("bhsd", "bshd") for lay in layouts):
+        raise ValueError(f"attention: layouts must be 'bhsd' or 'bshd', got {layouts}")
+
+    def shp(lay: str, h: int, s_: str, d_: int) -> str:
+        return f"({B}, {h}, {s_}, {d_})" if lay == "bhsd" else f"({B}, {s_}, {h}, {d_})"
+
+    def at(lay: str, b_: str, h: str, s_: str, d_: str) -> str:
+        return f"[{b_}, {h}, {s_}, {d_}]" if lay == "bhsd" else f"[{b_}, {s_}, {h}, {d_}]"
+
+    lq, lk, lv, lo = layouts
+    q_at = at(lq, "bi", f"kh * {rep} + g2 // {SQ}", f"g2 % {SQ}", "dd")
+    k_at = at(lk, "bi", "kh", "j", "dd")
+    v_at = at(lv, "bi", "kh", "j", f"dt * {td} + c")
+    o_at = at(lo, "bi", f"kh * {rep} + g3 // {SQ}", f"g3 % {SQ}", f"dt * {td} + c")
     # Short names for the template.
     L, TJ, TD, R, D, DV, H, HKV = lanes, tj, td, r, d, dv, hq, hkv  # noqa: N806
     src = f'''
 @T.prim_func
 def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
     T.func_attr({{"global_symbol": "main", "tirx.noalias": True}})
-{decls}    Q = T.match_buffer(q, ({B}, {H}, {SQ}, {D}), "float32")
-    K = T.match_buffer(k, ({B}, {HKV}, {SK}, {D}), "float32")
-    V = T.match_buffer(v, ({B}, {HKV}, {SK}, {DV}), "float32")
-{mask_buf}    O = T.match_buffer(o, ({B}, {H}, {SQ}, {DV}), "float32")
+{decls}    Q = T.match_buffer(q, {shp(lq, H, SQ, D)}, "float32")
+    K = T.match_buffer(k, {shp(lk, HKV, SK, D)}, "float32")
+    V = T.match_buffer(v, {shp(lv, HKV, SK, DV)}, "float32")
+{mask_buf}    O = T.match_buffer(o, {shp(lo, H, SQ, DV)}, "float32")
     for task in T.parallel({B} * {HKV}):
         bi = task // {HKV}
         kh = task % {HKV}
@@ -99,7 +116,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
         S = T.alloc_buffer(({R}, {skp}), "float32")
         for j in range({SK}):
             for dd in range({D}):
-                Kt[dd, j] = K[bi, kh, j, dd]
+                Kt[dd, j] = K{k_at}
         for j in range({SK}, {skp}):
             for dd in range({D}):
                 Kt[dd, j] = T.float32(0)
@@ -124,7 +141,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
                         g2 = T.min(blk * {R} + rr, {rows_total} - 1)
                         for c in T.vectorized({TJ}):
                             acc[rr, c] = (acc[rr, c]
-                                          + Q[bi, kh * {rep} + g2 // {SQ}, g2 % {SQ}, dd] * Kt[dd, jt * {TJ} + c])
+                                          + Q{q_at} * Kt[dd, jt * {TJ} + c])
                 for rr in T.unroll({R}):
                     for c in T.vectorized({TJ}):
                         S[rr, jt * {TJ} + c] = acc[rr, c] * T.float32({scale!r}) + S[rr, jt * {TJ} + c]
@@ -165,12 +182,12 @@ def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
                 for j in range({SK}):
                     for rr in T.unroll({R}):
                         for c in T.vectorized({TD}):
-                            acc2[rr, c] = acc2[rr, c] + S[rr, j] * V[bi, kh, j, dt * {TD} + c]
+                            acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
                 for rr in range({R}):
                     g3 = blk * {R} + rr
                     if g3 < {rows_total}:
                         for c in T.vectorized({TD}):
-                            O[bi, kh * {rep} + g3 // {SQ}, g3 % {SQ}, dt * {TD} + c] = acc2[rr, c]
+                            O{o_at} = acc2[rr, c]
 '''
     import numpy as np
 
