@@ -1,0 +1,195 @@
+"""The scheduled non-matmul CPU kernels of the TVM backend against the reference interpreter.
+
+``attention`` (fused scores/mask/softmax/``p @ v``, read and written through head transposes), ``quantize`` per
+token (bit-exact codes, scales and zero points, ties included), ``layer_norm`` / ``rms_norm``, ``gelu`` and the
+polynomial ``exp`` / ``erf`` they use (:mod:`qir.backends.tvm.kernels`). Each test builds a small module with
+``use_kernels=True`` (what ``qir compile --target tvm-llvm`` does), checks that the kernel was chosen, and compares
+with :func:`qir.interpreter.run`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qir
+from qir.backends.target import load_target
+from qir.interpreter import run
+from qir.quantspec import QuantSpec
+from qir.types import TensorType
+
+tvm = pytest.importorskip("tvm")
+
+from qir.backends.tvm.compile import Built, build  # noqa: E402 - after the importorskip
+
+
+def _build(m: qir.Module) -> Built:
+    return build(m, load_target("tvm-llvm"), use_kernels=True)
+
+
+def _compare(m: qir.Module, feeds: list[np.ndarray], kernels: dict[str, int], *, rtol: float = 1e-5,
+             atol: float = 1e-5) -> tuple[list[np.ndarray], Built]:
+    built = _build(m)
+    for name, count in kernels.items():
+        assert built.lowered.kernels.get(name) == count, built.lowered.kernels
+    outs = built.run(feeds)
+    refs = run(m, feeds)
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        np.testing.assert_allclose(o, r, rtol=rtol, atol=atol)
+    return outs, built
+
+
+# -- polynomial math ----------------------------------------------------------------------------------------------
+def _elementwise(fn: object, x: np.ndarray) -> np.ndarray:
+    from tvm import s_tir, te
+
+    n = x.size
+    a = te.placeholder((n,), "float32", name="a")
+    b = te.compute((n,), lambda i: fn(a[i]), name="b")  # type: ignore[operator]
+    sch = s_tir.Schedule(te.create_prim_func([a, b]))
+    (i,) = sch.get_loops(sch.get_sblock("b"))
+    sch.vectorize(sch.split(i, [None, 8])[1])
+    lib = tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))
+    out = tvm.runtime.tensor(np.zeros(n, np.float32))
+    lib(tvm.runtime.tensor(x), out)
+    return out.numpy()
+
+
+def test_fast_exp_and_erf_accuracy() -> None:
+    from math import erf
+
+    from qir.backends.tvm.kernels.mathfn import fast_erf, fast_exp, gelu_erf
+
+    x = np.linspace(-87.0, 88.0, 100_003).astype(np.float32)
+    got = _elementwise(fast_exp, x).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 2.5e-7  # 2 ulp
+    x = np.linspace(-6.0, 6.0, 20_001).astype(np.float32)
+    want_erf = np.array([erf(float(v)) for v in x])
+    assert np.max(np.abs(_elementwise(fast_erf, x) - want_erf)) < 5e-7
+    gelu = 0.5 * x.astype(np.float64) * (1.0 + np.array([erf(float(v) / np.sqrt(2.0)) for v in x]))
+    assert np.max(np.abs(_elementwise(gelu_erf, x) - gelu)) < 2e-6
+
+
+# -- quantize per token ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sym,dt,k", [(True, "i8", 70), (False, "u8", 70), (True, "i8", 384)])
+def test_quantize_per_token_kernel_is_bit_exact(sym: bool, dt: str, k: int) -> None:
+    m = qir.Module("q")
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [2, "seq", k]))
+    spec = QuantSpec.dynamic_spec(axis=2, group_size=k, symmetric=sym)
+    xq = f.add_op("quantize", [x], result_types=[TensorType.of(dt, [2, "seq", k], spec)], names=["x.q"]).result
+    f.set_outputs([f.add_op("dequantize", [xq], names=["x.dq"]).result])
+    rng = np.random.default_rng(11)
+    xs = (rng.standard_normal((2, 5, k)) * 3 + (0.0 if sym else 1.5)).astype(np.float32)
+    # Ties: with a row maximum of 127 the symmetric scale is exactly 1, so x / s = 2.5, -3.5, 0.5, 126.5 must
+    # round half to even (2, -4, 0, 126), which a floor(x + 0.5) or round-half-away kernel gets wrong.
+    xs[0, 0, :5] = [127.0, 2.5, -3.5, 0.5, 126.5]
+    xs[1, 2, :] = 0.0  # an all-zero row: scale 1, codes 0
+    built = _build(m)
+    assert built.lowered.kernels.get("quantize_rows") == 1, built.lowered.kernels
+    (out,) = built.run([xs])
+    (ref,) = run(m, [xs])
+    np.testing.assert_array_equal(out, ref)  # x.dq = scale * (q - zp): equal only if codes, scale and zp are
+    if sym:
+        np.testing.assert_array_equal(out[0, 0, :5], [127.0, 2.0, -4.0, 0.0, 126.0])
+
+
+def test_quantize_per_channel_stays_on_the_generic_path() -> None:
+    """A dynamic spec with no group is one scale per column, not per row: the row kernel must not take it."""
+    m = qir.Module("q")
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [6, 32]))
+    spec = QuantSpec.dynamic_spec(axis=1, symmetric=True)
+    xq = f.add_op("quantize", [x], result_types=[TensorType.of("i8", [6, 32], spec)], names=["x.q"]).result
+    f.set_outputs([f.add_op("dequantize", [xq], names=["x.dq"]).result])
+    xs = np.random.default_rng(2).standard_normal((6, 32)).astype(np.float32)
+    built = _build(m)
+    assert "quantize_rows" not in built.lowered.kernels
+    np.testing.assert_array_equal(built.run([xs])[0], run(m, [xs])[0])
+
+
+# -- attention ------------------------------------------------------------------------------------------------------
+def _attention_module(*, hq: int, hkv: int, d: int, mask: str | None, causal: bool, through_transposes: bool,
+                      sq: object = "s", sk: object = "s") -> qir.Module:
+    m = qir.Module("att")
+    f = m.add_function("main")
+    if through_transposes:
+        xq = f.add_input("xq", TensorType.of("f32", [2, sq, hq, d]))
+        xk = f.add_input("xk", TensorType.of("f32", [2, sk, hkv, d]))
+        q = f.add_op("transpose", [xq], {"perm": [0, 2, 1, 3]}, names=["q"]).result
+        k = f.add_op("transpose", [xk], {"perm": [0, 2, 1, 3]}, names=["k"]).result
+    else:
+        q = f.add_input("q", TensorType.of("f32", [2, hq, sq, d]))
+        k = f.add_input("k", TensorType.of("f32", [2, hkv, sk, d]))
+    v = f.add_input("v", TensorType.of("f32", [2, hkv, sk, d]))
+    operands = [q, k, v]
+    if mask == "bool":
+        operands.append(f.add_input("mask", TensorType.of("bool", [2, 1, sq, sk])))
+    elif mask == "f32":
+        operands.append(f.add_input("mask", TensorType.of("f32", [sq, sk])))
+    a = f.add_op("attention", operands, {"causal": causal}, names=["a"]).result
+    if through_transposes:
+        a = f.add_op("transpose", [a], {"perm": [0, 2, 1, 3]}, names=["o"]).result
+    f.set_outputs([a])
+    return m
+
+
+@pytest.mark.parametrize("hq,hkv,mask,causal,through", [
+    (4, 4, "bool", False, True),    # MiniLM's shape of the op: bool padding mask, read through transposes
+    (6, 2, None, True, False),      # GQA + causal (SmolLM2 prefill)
+    (4, 2, "f32", True, True),      # additive float mask + causal
+])
+def test_fused_attention_matches_interpreter(hq: int, hkv: int, mask: str | None, causal: bool,
+                                             through: bool) -> None:
+    d, s = 32, 21  # 21 keys: one full 16-lane tile plus a padded one
+    m = _attention_module(hq=hq, hkv=hkv, d=d, mask=mask, causal=causal, through_transposes=through)
+    rng = np.random.default_rng(5)
+    if through:
+        feeds = [rng.standard_normal((2, s, hq, d)), rng.standard_normal((2, s, hkv, d))]
+    else:
+        feeds = [rng.standard_normal((2, hq, s, d)), rng.standard_normal((2, hkv, s, d))]
+    feeds = [x.astype(np.float32) for x in feeds] + [rng.standard_normal((2, hkv, s, d)).astype(np.float32)]
+    if mask == "bool":
+        mk = rng.random((2, 1, s, s)) > 0.3
+        mk[1, 0, 4, :] = False  # a row with no key left: output 0, not NaN
+        feeds.append(mk)
+    elif mask == "f32":
+        feeds.append(rng.standard_normal((s, s)).astype(np.float32))
+    (out,), built = _compare(m, feeds, {"attention": 1})
+    if mask == "bool":
+        assert not np.isnan(out).any()
+        row = out[1, 4] if through else out[1, :, 4]
+        np.testing.assert_array_equal(row, 0.0)
+    if through:  # the head transposes are folded into the kernel: the VM program calls no transpose
+        assert "transpose" not in built.executable.as_text()
+
+
+def test_fused_attention_decode_step_over_a_static_cache() -> None:
+    """One query against a 40-slot cache with a bool mask of the filled slots (SmolLM2's decode shape)."""
+    m = _attention_module(hq=6, hkv=2, d=64, mask="bool", causal=False, through_transposes=False, sq=1, sk=40)
+    rng = np.random.default_rng(9)
+    mk = np.zeros((2, 1, 1, 40), bool)
+    mk[0, ..., :7] = True
+    mk[1, ..., :33] = True
+    feeds = [rng.standard_normal((2, 6, 1, 64)).astype(np.float32),
+             rng.standard_normal((2, 2, 40, 64)).astype(np.float32),
+             rng.standard_normal((2, 2, 40, 64)).astype(np.float32), mk]
+    _compare(m, feeds, {"attention": 1})
+
+
+# -- norms and gelu -------------------------------------------------------------------------------------------------
+def test_norms_and_gelu_kernels_match_interpreter() -> None:
+    rng = np.random.default_rng(4)
+    m = qir.Module("n")
+    w = m.add_constant("w", rng.standard_normal(40).astype(np.float32))
+    b = m.add_constant("b", rng.standard_normal(40).astype(np.float32))
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [2, "s", 40]))  # 40 = two 16-lane vectors + a scalar tail
+    ln = f.add_op("layer_norm", [x, w, b], {"eps": 1e-12}, names=["ln"]).result
+    rms = f.add_op("rms_norm", [x, w], {"eps": 1e-6}, names=["rms"]).result
+    g = f.add_op("gelu", [x], names=["g"]).result
+    f.set_outputs([ln, rms, g])
+    xs = (rng.standard_normal((2, 5, 40)) * 4 + 1).astype(np.float32)
+    _compare(m, [xs], {"layer_norm": 1, "rms_norm": 1, "gelu": 1})
