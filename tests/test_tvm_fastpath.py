@@ -193,3 +193,24 @@ def test_norms_and_gelu_kernels_match_interpreter() -> None:
     f.set_outputs([ln, rms, g])
     xs = (rng.standard_normal((2, 5, 40)) * 4 + 1).astype(np.float32)
     _compare(m, [xs], {"layer_norm": 1, "rms_norm": 1, "gelu": 1})
+
+
+@pytest.mark.parametrize("position", [0, 17, 39, 64])
+def test_decode_attention_reads_only_the_filled_cache_prefix(position: int) -> None:
+    """SmolLM2's decode mask, ``reshape(arange(Sk) <= position)``, becomes the kernel's key count (position + 1)."""
+    m = qir.Module("dec")
+    f = m.add_function("decode")
+    q = f.add_input("q", TensorType.of("f32", [1, 6, 1, 64]))
+    k = f.add_input("k", TensorType.of("f32", [1, 2, 40, 64]))
+    v = f.add_input("v", TensorType.of("f32", [1, 2, 40, 64]))
+    pos = f.add_input("position", TensorType.of("i64", [1]))
+    ar = f.add_op("arange", [], {"size": [40]}, names=["ar"]).result
+    le = f.add_op("le", [ar, pos], names=["le"]).result
+    mask = f.add_op("reshape", [le], {"shape": [1, 1, 1, 40]}, names=["mask"]).result
+    f.set_outputs([f.add_op("attention", [q, k, v, mask], names=["a"]).result])
+    rng = np.random.default_rng(position)
+    feeds = [rng.standard_normal((1, 6, 1, 64)).astype(np.float32),
+             rng.standard_normal((1, 2, 40, 64)).astype(np.float32),
+             rng.standard_normal((1, 2, 40, 64)).astype(np.float32), np.array([position], np.int64)]
+    _, built = _compare(m, feeds, {"attention": 1})
+    assert "less_equal" not in built.executable.as_text()  # the mask is not computed at all

@@ -64,7 +64,10 @@ class FusedLowering:
             out_t, lo = back.type, "bshd"
         args = [q, k, v]
         mask = None
-        if len(op.operands) > 3:
+        limit = self._filled_prefix(op.operands[3], sk) if len(op.operands) > 3 else None
+        if limit is not None:
+            args.append(limit)
+        elif len(op.operands) > 3:
             mt = op.operands[3].type
             if mt.dtype.name not in ("bool", "f32"):
                 return None
@@ -84,7 +87,7 @@ class FusedLowering:
         try:
             prim = kern.attention(static(b), hq, hkv, static(sq), static(sk), d, dv, self.target,
                                   scale=float(scale), causal=bool(op.attrs.get("causal")), mask=mask,
-                                  layouts=(lq, lk, lv, lo))
+                                  layouts=(lq, lk, lv, lo), limit=limit is not None)
         except Exception:  # noqa: BLE001 - a kernel that cannot be built falls back to the generic lowering
             prim = None
         if prim is None:
@@ -98,6 +101,30 @@ class FusedLowering:
         var = self.emit(out, back)  # type: ignore[attr-defined]
         self.__dict__.setdefault("prelowered", {})[id(back)] = var
         return var
+
+    def _filled_prefix(self, mask: Value, sk: Any) -> Any | None:
+        """``p`` (as a Relax ``[1]`` int64 tensor) when ``mask`` is ``arange(Sk) <= p`` for a one-element ``p``
+        (reshaped to ``[1, 1, 1, Sk]`` or less): a decode step's "cache slots filled so far". The kernel then
+        reads only keys ``0..p`` instead of masking the other ``Sk - p - 1``."""
+        v = mask
+        while v.producer is not None and v.producer.opcode in ("reshape", "unsqueeze"):
+            if any(d != 1 for d in v.type.shape[:-1]):
+                return None
+            v = v.producer.operands[0]
+        le = v.producer
+        if le is None or le.opcode != "le" or v.type.rank != 1 or not isinstance(sk, int):
+            return None
+        ar, pos = le.operands
+        a = ar.producer
+        if (a is None or a.opcode != "arange" or int(a.attrs.get("start", 0)) != 0
+                or int(a.attrs.get("step", 1)) != 1 or ar.type.shape != (sk,)):
+            return None
+        if pos.type.dtype.name != "i64" or not pos.type.is_static or pos.type.numel() != 1 or pos.is_constant:
+            return None
+        e = self.env.get(id(pos))  # type: ignore[attr-defined]
+        if e is None or isinstance(e, QVal):
+            return None
+        return self.bb.emit(self.relax.op.reshape(e, [1])) if pos.type.shape != (1,) else e
 
     def _through_head_transpose(self, v: Value, e: Any) -> tuple[Any, str]:
         p = v.producer

@@ -43,12 +43,17 @@ def _dim(v: int | None, name: str) -> str:
 def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, d: int, dv: int,
               target: tvm.target.Target | str | dict, *, scale: float, causal: bool = False,
               mask: tuple[str, tuple[bool, bool, bool, bool]] | None = None,
-              layouts: tuple[str, str, str, str] = ("bhsd", "bhsd", "bhsd", "bhsd")) -> tirx.PrimFunc | None:
+              layouts: tuple[str, str, str, str] = ("bhsd", "bhsd", "bhsd", "bhsd"), limit: bool = False
+              ) -> tirx.PrimFunc | None:
     """The scheduled kernel, or ``None`` where there is none (not an ``llvm`` target, ``Dv`` not a whole number
     of vectors). ``mask``: ``(dtype, full)`` with ``dtype`` ``"bool"`` or ``"float32"`` and ``full[a]`` true where
     the mask's axis ``a`` has the scores' size (false: size 1, broadcast). ``layouts``: of ``q``, ``k``, ``v`` and
     the output, each ``"bhsd"`` (qir's ``[B, H, S, D]``) or ``"bshd"`` (``[B, S, H, D]``: the projection's output
-    before the head transpose, read and written in place of a transpose)."""
+    before the head transpose, read and written in place of a transpose). ``limit``: no mask; an extra input
+    ``p [1] int64`` after ``v`` says that keys ``j <= p[0]`` are attended (a decode step over a static cache
+    filled up to position ``p``, the mask ``arange(Sk) <= p``), and only those keys are read at all."""
+    if limit and mask is not None:
+        raise ValueError("attention: limit replaces the mask; pass one or the other")
     feat = features_of(target_of(target))
     if feat is None or hq % hkv or (mask is not None and mask[0] not in ("bool", "float32")):
         return None
@@ -64,6 +69,12 @@ def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, 
     decls = "".join(f"    {n} = T.int64()\n" for v, n in ((b, "bsz"), (sq, "sq"), (sk, "sk")) if v is None)
     skp = f"(({SK} + {tj - 1}) // {tj} * {tj})"
     mask_param = "m: T.handle, " if mask is not None else ""
+    # Keys actually visited: all Sk, or (limit) the first p + 1; buffers keep their full size.
+    NK, NKP = ("nk", "nkp") if limit else (SK, skp)  # noqa: N806
+    p_param = "p: T.handle, " if limit else ""
+    p_buf = '    P = T.match_buffer(p, (1,), "int64")\n' if limit else ""
+    p_lets = (f"\n        nk = T.max(T.min(P[0] + T.int64(1), T.int64({SK})), T.int64(0))"
+              f"\n        nkp = (nk + T.int64({tj - 1})) // T.int64({tj}) * T.int64({tj})") if limit else ""
     mask_buf = ""
     # The row being computed: g in [0, rep * Sq) -> query head hkv * rep + g // Sq, query position g % Sq.
     if mask is not None:
@@ -103,21 +114,21 @@ def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, 
     L, TJ, TD, R, D, DV, H, HKV = lanes, tj, td, r, d, dv, hq, hkv  # noqa: N806
     src = f'''
 @T.prim_func
-def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
+def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle):
     T.func_attr({{"global_symbol": "main", "tirx.noalias": True}})
 {decls}    Q = T.match_buffer(q, {shp(lq, H, SQ, D)}, "float32")
     K = T.match_buffer(k, {shp(lk, HKV, SK, D)}, "float32")
     V = T.match_buffer(v, {shp(lv, HKV, SK, DV)}, "float32")
-{mask_buf}    O = T.match_buffer(o, {shp(lo, H, SQ, DV)}, "float32")
+{p_buf}{mask_buf}    O = T.match_buffer(o, {shp(lo, H, SQ, DV)}, "float32")
     for task in T.parallel({B} * {HKV}):
         bi = task // {HKV}
-        kh = task % {HKV}
+        kh = task % {HKV}{p_lets}
         Kt = T.alloc_buffer(({D}, {skp}), "float32")
         S = T.alloc_buffer(({R}, {skp}), "float32")
-        for j in range({SK}):
+        for j in range({NK}):
             for dd in range({D}):
                 Kt[dd, j] = K{k_at}
-        for j in range({SK}, {skp}):
+        for j in range({NK}, {NKP}):
             for dd in range({D}):
                 Kt[dd, j] = T.float32(0)
         for blk in range(({rows_total} + {R - 1}) // {R}):
@@ -126,12 +137,12 @@ def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
                 g = T.min(blk * {R} + rr, {rows_total} - 1)
                 hi = kh * {rep} + g // {SQ}
                 qi = g % {SQ}
-                for j in range({SK}):
+                for j in range({NK}):
                     S[rr, j] = {bias}
-                for j in range({SK}, {skp}):
+                for j in range({NK}, {NKP}):
                     S[rr, j] = T.float32(-np.inf)
             # 1. scores: R x TJ register tiles over Kt
-            for jt in range({skp} // {TJ}):
+            for jt in range({NKP} // {TJ}):
                 acc = T.alloc_buffer(({R}, {TJ}), "float32", scope="local")
                 for rr in T.unroll({R}):
                     for c in T.vectorized({TJ}):
@@ -154,14 +165,14 @@ def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
                 for c in T.vectorized({L}):
                     mv[c] = T.float32(-np.inf)
                     sv[c] = T.float32(0)
-                for jo in range({skp} // {L}):
+                for jo in range({NKP} // {L}):
                     for c in T.vectorized({L}):
                         mv[c] = T.max(mv[c], S[rr, jo * {L} + c])
                 top[0] = T.float32(-np.inf)
                 for c in range({L}):
                     top[0] = T.max(top[0], mv[c])
                 top[0] = T.Select(T.isfinite(top[0]), top[0], T.float32(0))
-                for jo in range({skp} // {L}):
+                for jo in range({NKP} // {L}):
                     for c in T.vectorized({L}):
                         S[rr, jo * {L} + c] = T.Select(S[rr, jo * {L} + c] == T.float32(-np.inf), T.float32(0),
                                                        fexp(S[rr, jo * {L} + c] - top[0]))
@@ -170,7 +181,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
                 for c in range({L}):
                     tot[0] = tot[0] + sv[c]
                 tot[0] = T.Select(tot[0] > T.float32(0), tot[0], T.float32(1))
-                for jo in range({skp} // {L}):
+                for jo in range({NKP} // {L}):
                     for c in T.vectorized({L}):
                         S[rr, jo * {L} + c] = S[rr, jo * {L} + c] / tot[0]
             # 4. out = p @ v, R x TD accumulators
@@ -179,7 +190,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, {mask_param}o: T.handle):
                 for rr in T.unroll({R}):
                     for c in T.vectorized({TD}):
                         acc2[rr, c] = T.float32(0)
-                for j in range({SK}):
+                for j in range({NK}):
                     for rr in T.unroll({R}):
                         for c in T.vectorized({TD}):
                             acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
