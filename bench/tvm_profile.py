@@ -6,9 +6,11 @@ them synchronously on the CPU). The table groups calls by PrimFunc name (after f
 ops fused into one kernel) and prints total milliseconds per run, calls per run and share of the total.
 
     python bench/tvm_profile.py [--model minilm-l6] [--pipeline "quantize{scheme=w8a8}"] [--runs 5] [--top 30]
+    python bench/tvm_profile.py --model smollm2-135m --function decode --position 512 --pipeline "..."
 
-MiniLM runs batch 8 x seq 128 (as ``bench/ort_minilm.py``), 2 threads. ``--no-kernels`` profiles the build without
-the hand-scheduled matmul kernels.
+MiniLM runs batch 8 x seq 128 (as ``bench/ort_minilm.py``), 2 threads. A causal LM's ``decode`` runs one token at
+``--position`` (the caches zero-filled: the work does not depend on their values), its ``prefill`` ``--position``
+tokens. ``--no-kernels`` profiles the build without the hand-scheduled kernels.
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ import numpy as np
 
 THREADS = 2
 BATCH, SEQ = 8, 128
+
+
+def _lm_inputs(built: Any, function: str, position: int) -> list[np.ndarray]:
+    sig = built.lowered.signatures[function]
+    if function == "prefill":
+        return [np.random.default_rng(0).integers(0, 1000, (1, position)).astype(np.int64)]
+    shapes = {name: tuple(int(d) for d in p.struct_info.shape)
+              for name, p in zip(sig["inputs"], built.lowered.mod[function].params)}
+    caches = [np.zeros(shapes[n], np.float32) for n in sig["inputs"][2:]]
+    return [np.array([[42]], np.int64), np.array([position], np.int64), *caches]
 
 
 def _inputs(model: str) -> list[np.ndarray]:
@@ -76,6 +88,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--function", default=None, help="causal LMs: prefill or decode (default: the first function)")
+    ap.add_argument("--position", type=int, default=512, help="decode position / prefill length")
     args = ap.parse_args()
 
     import tvm
@@ -92,9 +106,12 @@ def main() -> int:
     t0 = time.perf_counter()
     built = build(module, load_target("tvm-llvm"), use_kernels=not args.no_kernels)
     print(f"built in {time.perf_counter() - t0:.1f} s; kernels: {built.lowered.kernels}")
-    ms, calls, wall = profile(built, _inputs(args.model), args.runs)
+    fname = args.function or next(iter(built.lowered.signatures))
+    feeds = _inputs(args.model) if args.function is None else _lm_inputs(built, fname, args.position)
+    ms, calls, wall = profile(built, feeds, args.runs, fname)
     total = sum(v for k, v in ms.items())
-    print(f"{args.model} {args.pipeline or 'float'}, batch {BATCH} x {SEQ}, {THREADS} threads: "
+    what = f"@{fname} position {args.position}" if args.function else f"batch {BATCH} x {SEQ}"
+    print(f"{args.model} {args.pipeline or 'float'}, {what}, {THREADS} threads: "
           f"wall {wall:.1f} ms per run, instrumented calls sum {total:.1f} ms")
     print(f"{'kernel':70s} {'ms/run':>8s} {'calls':>6s} {'share':>6s}")
     for name, v in sorted(ms.items(), key=lambda kv: -kv[1])[:args.top]:

@@ -214,3 +214,33 @@ def test_decode_attention_reads_only_the_filled_cache_prefix(position: int) -> N
              rng.standard_normal((1, 2, 40, 64)).astype(np.float32), np.array([position], np.int64)]
     _, built = _compare(m, feeds, {"attention": 1})
     assert "less_equal" not in built.executable.as_text()  # the mask is not computed at all
+
+
+# -- prepacked int8 weights -------------------------------------------------------------------------------------------
+def test_int8_weights_are_prepacked_at_compile_time_unless_also_looked_up() -> None:
+    """On VNNI/sdot targets the w8a8 matmul reads tiles made once at lowering; a tied table keeps plain codes."""
+    from qweights import add_quantized_weight
+
+    from qir.backends.tvm.kernels import prepack_isa
+
+    rng = np.random.default_rng(8)
+    m = qir.Module("pp")
+    w = add_quantized_weight(m, "w", rng.standard_normal((40, 64)).astype(np.float32), "i8", axis=0)
+    tied = add_quantized_weight(m, "tied", rng.standard_normal((40, 64)).astype(np.float32), "i8", axis=0)
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [3, 64]))
+    ids = f.add_input("ids", TensorType.of("i64", [3]))
+    spec = QuantSpec.dynamic_spec(axis=1, group_size=64, symmetric=True)
+    xq = f.add_op("quantize", [x], result_types=[TensorType.of("i8", [3, 64], spec)], names=["x.q"]).result
+    y = f.add_op("qmatmul", [xq, w], names=["y"]).result
+    z = f.add_op("qmatmul", [xq, tied], names=["z"]).result
+    e = f.add_op("qembedding", [tied, ids], names=["e"]).result
+    f.set_outputs([y, z, e])
+    feeds = [rng.standard_normal((3, 64)).astype(np.float32), np.array([0, 39, 7], np.int64)]
+    _, built = _compare(m, feeds, {"qmatmul_i8": 2}, rtol=1e-6, atol=1e-5)
+    params = built.lowered.params
+    assert params["tied"].shape == (40, 64) and "tied__rowsum" not in params
+    if prepack_isa(64, built.target) is None:  # AVX2-only / SSE hosts: the kernel packs per call
+        assert params["w"].shape == (40, 64) and "w__rowsum" not in params
+    else:
+        assert params["w"].shape != (40, 64) and "w__rowsum" in params  # stored as the kernel's tiles

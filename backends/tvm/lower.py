@@ -105,6 +105,7 @@ class _FunctionLowering(QuantLowering, FusedLowering):
         self.param_order: list[str] = []
         self.param_vars: list[Any] = []
         self.inplace: dict[int, int] = {}
+        self.prepacked: dict[str, Any] = {}  # weight constant -> Relax var of its row sums (prepacked int8)
         from qir.interpreter import RunContext
 
         self.ctx = RunContext(module)
@@ -170,6 +171,15 @@ class _FunctionLowering(QuantLowering, FusedLowering):
                 data = np.asarray(value)
                 if t.dtype.is_subbyte:  # a plain int4/int2 constant (a zero point): one value per byte
                     data = data.astype(np.int8 if t.dtype.kind == "int" else np.uint8)
+            packed_isa = self._prepack_isa_for(name) if isinstance(value, QTensor) else None
+            if packed_isa is not None:  # the int8 matmul kernel's tiles, made once here (lower_quant)
+                data, rowsum = self._kernels().qmatmul_vnni.pack_weight(data, packed_isa)
+                rs_name = _sanitize(name) + "__rowsum"
+                self.params.setdefault(rs_name, rowsum)
+                rs_var = relax.Var(rs_name, relax.TensorType(list(rowsum.shape), "int32"))
+                self.prepacked[name] = rs_var
+                self.param_order.append(rs_name)
+                self.param_vars.append(rs_var)
             shape = list(data.shape)
             is_scalarish = data.size <= INLINE_LIMIT and t.quant is None
             if is_scalarish:

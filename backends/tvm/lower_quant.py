@@ -255,29 +255,57 @@ class QuantLowering:
         args = [x2, w] + ([b] if b is not None else [])
         return self._call_kernel(op, prim, "matmul_f32_k", args, m, n, xt)
 
+    @staticmethod
+    def _i8_kernel_mode(xt: TensorType, wt: TensorType) -> tuple[bool, int] | None:
+        """``(per_token, activation zero point)`` when ``qmatmul(x, w)`` fits the int8 kernel, else ``None``."""
+        xs, wl = xt.quant, layout_of(wt)
+        if xs is None or wt.dtype.name != "i8" or wl.has_zp or wl.group is not None:
+            return None
+        if xt.dtype.name not in ("i8", "u8"):
+            return None
+        xl = layout_of(xt)
+        per_token = xl.axis == xt.rank - 1 and xl.group is not None
+        if not (per_token or xl.axis is None):
+            return None
+        a_zp = 0
+        if not xs.symmetric:
+            if xs.dynamic or not isinstance(xs.zero_point, int):
+                return None
+            a_zp = int(xs.zero_point)
+        return per_token, a_zp
+
+    def _prepack_isa_for(self, name: str) -> str | None:
+        """The ISA whose int8 kernel will read constant ``name`` prepacked, when EVERY use of it in the module is
+        the weight of such a ``qmatmul`` (a tied table that is also looked up keeps its plain codes)."""
+        kern = self._kernels()
+        t = self.module.constant(name).type  # type: ignore[attr-defined]
+        if kern is None or t.quant is None or t.rank != 2 or not isinstance(t.shape[1], int):
+            return None
+        uses = [(op, i) for fname in self.module.functions  # type: ignore[attr-defined]
+                for op in self.module.function(fname).ops  # type: ignore[attr-defined]
+                for i, v in enumerate(op.operands) if v.is_constant and v.name == name]
+        for op, i in uses:
+            if op.opcode != "qmatmul" or i != 1 or self._i8_kernel_mode(op.operands[0].type, t) is None:
+                return None
+        return kern.prepack_isa(int(t.shape[1]), self.target) if uses else None
+
     def _kernel_qmatmul_i8(self, op: Op, x: QVal, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
         kern = self._kernels()
         if kern is None:
             return None
-        xs = x.type.quant
-        assert xs is not None
-        wl, xl = w.lay, x.lay
-        if w.type.dtype.name != "i8" or wl.has_zp or wl.group is not None or x.type.dtype.name not in ("i8", "u8"):
+        mode = self._i8_kernel_mode(x.type, w.type)
+        if mode is None:
             return None
-        per_token = xl.axis == x.type.rank - 1 and xl.group is not None
-        if not (per_token or xl.axis is None):
-            return None
-        a_zp = 0
-        if x.zp is not None:
-            if xs.dynamic or not isinstance(xs.zero_point, int):
-                return None
-            a_zp = int(xs.zero_point)
+        per_token, a_zp = mode
+        rowsum = self.prepacked.get(op.operands[1].name)  # type: ignore[attr-defined]
         x2, m = self._rows(x.codes, x.type)
         try:
             prim = kern.qmatmul_i8(self._m_arg(m), n, k, self.target, a_dtype=tvm_dtype(x.type.dtype),
                                    a_scale="token" if per_token else "tensor", a_zero_point=a_zp,
-                                   bias=b is not None)
+                                   bias=b is not None, prepacked=rowsum is not None)
         except Exception:  # noqa: BLE001 - fall back to the TE compute
+            if rowsum is not None:
+                raise  # the weight is stored packed: there is no other lowering for it
             prim = None
         if prim is None:
             return None
@@ -285,9 +313,10 @@ class QuantLowering:
         if per_token:
             sx = self.bb.emit(self.relax.op.reshape(sx, [m]))
         sw = w.scale
-        if wl.axis is None:
+        if w.lay.axis is None:
             sw = self.bb.emit(self.relax.op.broadcast_to(sw, [n]))
-        args = [x2, w.codes, sx, sw] + ([b] if b is not None else [])
+        wargs = [w.codes] if rowsum is None else [w.codes, rowsum]
+        args = [x2, *wargs, sx, sw] + ([b] if b is not None else [])
         return self._call_kernel(op, prim, "qmatmul_i8_k", args, m, n, x.type)
 
     def _kernel_wmatmul(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int) -> Any | None:

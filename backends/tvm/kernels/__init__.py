@@ -68,14 +68,14 @@ kernels use the target's vector width (AVX-512, AVX2, NEON, SSE).
 
 from __future__ import annotations
 
-from qir.backends.tvm.kernels import mathfn
+from qir.backends.tvm.kernels import mathfn, qmatmul_vnni
 from qir.backends.tvm.kernels.attention import attention
 from qir.backends.tvm.kernels.cpu_features import CpuFeatures, features_of
 from qir.backends.tvm.kernels.matmul_f32 import matmul_f32
 from qir.backends.tvm.kernels.norm_rows import norm_rows
-from qir.backends.tvm.kernels.qmatmul_i8 import qmatmul_i8
+from qir.backends.tvm.kernels.qmatmul_i8 import prepack_isa, qmatmul_i8
 from qir.backends.tvm.kernels.quantize_rows import quantize_rows
 from qir.backends.tvm.kernels.wmatmul import wmatmul
 
-__all__ = ["CpuFeatures", "attention", "features_of", "mathfn", "matmul_f32", "norm_rows", "qmatmul_i8",
-           "quantize_rows", "wmatmul"]
+__all__ = ["CpuFeatures", "attention", "features_of", "mathfn", "matmul_f32", "norm_rows", "prepack_isa",
+           "qmatmul_i8", "qmatmul_vnni", "quantize_rows", "wmatmul"]
