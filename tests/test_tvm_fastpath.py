@@ -136,14 +136,14 @@ def _attention_module(*, hq: int, hkv: int, d: int, mask: str | None, causal: bo
     return m
 
 
-@pytest.mark.parametrize("hq,hkv,mask,causal,through", [
-    (4, 4, "bool", False, True),    # MiniLM's shape of the op: bool padding mask, read through transposes
-    (6, 2, None, True, False),      # GQA + causal (SmolLM2 prefill)
-    (4, 2, "f32", True, True),      # additive float mask + causal
+@pytest.mark.parametrize("hq,hkv,mask,causal,through,s", [
+    (4, 4, "bool", False, True, 21),  # MiniLM's shape of the op: bool padding mask, read through transposes
+    (6, 2, None, True, False, 45),    # GQA + causal (SmolLM2 prefill); 3 x 45 query rows: three 64-row tasks
+    (4, 2, "f32", True, True, 21),    # additive float mask + causal
 ])
 def test_fused_attention_matches_interpreter(hq: int, hkv: int, mask: str | None, causal: bool,
-                                             through: bool) -> None:
-    d, s = 32, 21  # 21 keys: one full 16-lane tile plus a padded one
+                                             through: bool, s: int) -> None:
+    d = 32  # 21 keys: one full 16-lane tile plus a padded one
     m = _attention_module(hq=hq, hkv=hkv, d=d, mask=mask, causal=causal, through_transposes=through)
     rng = np.random.default_rng(5)
     if through:

@@ -4,6 +4,7 @@ Unfused, the op was three batched matmuls' worth of memory traffic plus five sof
 ``[B, H, Sq, Sk]`` f32 tensor, all under the generic schedule: 60% of MiniLM w8a8 on ``tvm-llvm``. Here one task
 per ``(batch, kv head)`` (parallel) does, for the ``rep = Hq / Hkv`` query heads that read that kv head:
 
+0. (tasks are ``(batch, kv head, chunk of 64 query rows)``, so a few kv heads still fill the threads)
 1. ``Kt[d, j] = k[j, d]``: the keys transposed once (zero-padded to a whole number of column tiles), so the
    score loop is a register-tiled GEMM: ``R`` query rows x ``TJ`` keys of accumulators, one vector load of
    ``Kt`` and ``R`` broadcasts of ``q`` per ``d``;
@@ -34,6 +35,7 @@ from qir.backends.tvm.kernels.mathfn import fast_exp
 __all__ = ["attention"]
 
 ROWS = 4  # query rows per register tile
+CHUNK_BLOCKS = 16  # register tiles of rows per parallel task
 
 
 def _dim(v: int | None, name: str) -> str:
@@ -110,8 +112,12 @@ def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, 
     k_at = at(lk, "bi", "kh", "j", "dd")
     v_at = at(lv, "bi", "kh", "j", f"dt * {td} + c")
     o_at = at(lo, "bi", f"kh * {rep} + g3 // {SQ}", f"g3 % {SQ}", f"dt * {td} + c")
+    # Row chunks of CH rows are separate parallel tasks (each packs its own Kt): a prefill with few kv heads
+    # (SmolLM2: 3) still spreads over the threads.
+    ch_rows = r * CHUNK_BLOCKS
+    n_chunks = f"(({rows_total} + {ch_rows - 1}) // {ch_rows})"
     # Short names for the template.
-    L, TJ, TD, R, D, DV, H, HKV = lanes, tj, td, r, d, dv, hq, hkv  # noqa: N806
+    L, TJ, TD, R, D, DV, H, HKV, CH, NCH = lanes, tj, td, r, d, dv, hq, hkv, ch_rows, n_chunks  # noqa: N806
     src = f'''
 @T.prim_func
 def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle):
@@ -120,9 +126,10 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
     K = T.match_buffer(k, {shp(lk, HKV, SK, D)}, "float32")
     V = T.match_buffer(v, {shp(lv, HKV, SK, DV)}, "float32")
 {p_buf}{mask_buf}    O = T.match_buffer(o, {shp(lo, H, SQ, DV)}, "float32")
-    for task in T.parallel({B} * {HKV}):
-        bi = task // {HKV}
-        kh = task % {HKV}{p_lets}
+    for task in T.parallel({B} * {HKV} * {NCH}):
+        bi = task // ({HKV} * {NCH})
+        kh = task // {NCH} % {HKV}
+        ch = task % {NCH}{p_lets}
         Kt = T.alloc_buffer(({D}, {skp}), "float32")
         S = T.alloc_buffer(({R}, {skp}), "float32")
         for j in range({NK}):
@@ -131,74 +138,76 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
         for j in range({NK}, {NKP}):
             for dd in range({D}):
                 Kt[dd, j] = T.float32(0)
-        for blk in range(({rows_total} + {R - 1}) // {R}):
-            # 2. bias rows (mask, causal rule, padding)
-            for rr in range({R}):
-                g = T.min(blk * {R} + rr, {rows_total} - 1)
-                hi = kh * {rep} + g // {SQ}
-                qi = g % {SQ}
-                for j in range({NK}):
-                    S[rr, j] = {bias}
-                for j in range({NK}, {NKP}):
-                    S[rr, j] = T.float32(-np.inf)
-            # 1. scores: R x TJ register tiles over Kt
-            for jt in range({NKP} // {TJ}):
-                acc = T.alloc_buffer(({R}, {TJ}), "float32", scope="local")
-                for rr in T.unroll({R}):
-                    for c in T.vectorized({TJ}):
-                        acc[rr, c] = T.float32(0)
-                for dd in range({D}):
-                    for rr in T.unroll({R}):
-                        g2 = T.min(blk * {R} + rr, {rows_total} - 1)
-                        for c in T.vectorized({TJ}):
-                            acc[rr, c] = (acc[rr, c]
-                                          + Q{q_at} * Kt[dd, jt * {TJ} + c])
-                for rr in T.unroll({R}):
-                    for c in T.vectorized({TJ}):
-                        S[rr, jt * {TJ} + c] = acc[rr, c] * T.float32({scale!r}) + S[rr, jt * {TJ} + c]
-            # 3. softmax per row
-            for rr in range({R}):
-                mv = T.alloc_buffer(({L},), "float32", scope="local")
-                sv = T.alloc_buffer(({L},), "float32", scope="local")
-                top = T.alloc_buffer((1,), "float32", scope="local")
-                tot = T.alloc_buffer((1,), "float32", scope="local")
-                for c in T.vectorized({L}):
-                    mv[c] = T.float32(-np.inf)
-                    sv[c] = T.float32(0)
-                for jo in range({NKP} // {L}):
-                    for c in T.vectorized({L}):
-                        mv[c] = T.max(mv[c], S[rr, jo * {L} + c])
-                top[0] = T.float32(-np.inf)
-                for c in range({L}):
-                    top[0] = T.max(top[0], mv[c])
-                top[0] = T.Select(T.isfinite(top[0]), top[0], T.float32(0))
-                for jo in range({NKP} // {L}):
-                    for c in T.vectorized({L}):
-                        S[rr, jo * {L} + c] = T.Select(S[rr, jo * {L} + c] == T.float32(-np.inf), T.float32(0),
-                                                       fexp(S[rr, jo * {L} + c] - top[0]))
-                        sv[c] = sv[c] + S[rr, jo * {L} + c]
-                tot[0] = T.float32(0)
-                for c in range({L}):
-                    tot[0] = tot[0] + sv[c]
-                tot[0] = T.Select(tot[0] > T.float32(0), tot[0], T.float32(1))
-                for jo in range({NKP} // {L}):
-                    for c in T.vectorized({L}):
-                        S[rr, jo * {L} + c] = S[rr, jo * {L} + c] / tot[0]
-            # 4. out = p @ v, R x TD accumulators
-            for dt in range({DV // TD}):
-                acc2 = T.alloc_buffer(({R}, {TD}), "float32", scope="local")
-                for rr in T.unroll({R}):
-                    for c in T.vectorized({TD}):
-                        acc2[rr, c] = T.float32(0)
-                for j in range({NK}):
-                    for rr in T.unroll({R}):
-                        for c in T.vectorized({TD}):
-                            acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
+        for blk0 in range({CH // R}):
+            blk = ch * {CH // R} + blk0
+            if blk * {R} < {rows_total}:
+                # 2. bias rows (mask, causal rule, padding)
                 for rr in range({R}):
-                    g3 = blk * {R} + rr
-                    if g3 < {rows_total}:
+                    g = T.min(blk * {R} + rr, {rows_total} - 1)
+                    hi = kh * {rep} + g // {SQ}
+                    qi = g % {SQ}
+                    for j in range({NK}):
+                        S[rr, j] = {bias}
+                    for j in range({NK}, {NKP}):
+                        S[rr, j] = T.float32(-np.inf)
+                # 1. scores: R x TJ register tiles over Kt
+                for jt in range({NKP} // {TJ}):
+                    acc = T.alloc_buffer(({R}, {TJ}), "float32", scope="local")
+                    for rr in T.unroll({R}):
+                        for c in T.vectorized({TJ}):
+                            acc[rr, c] = T.float32(0)
+                    for dd in range({D}):
+                        for rr in T.unroll({R}):
+                            g2 = T.min(blk * {R} + rr, {rows_total} - 1)
+                            for c in T.vectorized({TJ}):
+                                acc[rr, c] = (acc[rr, c]
+                                              + Q{q_at} * Kt[dd, jt * {TJ} + c])
+                    for rr in T.unroll({R}):
+                        for c in T.vectorized({TJ}):
+                            S[rr, jt * {TJ} + c] = acc[rr, c] * T.float32({scale!r}) + S[rr, jt * {TJ} + c]
+                # 3. softmax per row
+                for rr in range({R}):
+                    mv = T.alloc_buffer(({L},), "float32", scope="local")
+                    sv = T.alloc_buffer(({L},), "float32", scope="local")
+                    top = T.alloc_buffer((1,), "float32", scope="local")
+                    tot = T.alloc_buffer((1,), "float32", scope="local")
+                    for c in T.vectorized({L}):
+                        mv[c] = T.float32(-np.inf)
+                        sv[c] = T.float32(0)
+                    for jo in range({NKP} // {L}):
+                        for c in T.vectorized({L}):
+                            mv[c] = T.max(mv[c], S[rr, jo * {L} + c])
+                    top[0] = T.float32(-np.inf)
+                    for c in range({L}):
+                        top[0] = T.max(top[0], mv[c])
+                    top[0] = T.Select(T.isfinite(top[0]), top[0], T.float32(0))
+                    for jo in range({NKP} // {L}):
+                        for c in T.vectorized({L}):
+                            S[rr, jo * {L} + c] = T.Select(S[rr, jo * {L} + c] == T.float32(-np.inf), T.float32(0),
+                                                           fexp(S[rr, jo * {L} + c] - top[0]))
+                            sv[c] = sv[c] + S[rr, jo * {L} + c]
+                    tot[0] = T.float32(0)
+                    for c in range({L}):
+                        tot[0] = tot[0] + sv[c]
+                    tot[0] = T.Select(tot[0] > T.float32(0), tot[0], T.float32(1))
+                    for jo in range({NKP} // {L}):
+                        for c in T.vectorized({L}):
+                            S[rr, jo * {L} + c] = S[rr, jo * {L} + c] / tot[0]
+                # 4. out = p @ v, R x TD accumulators
+                for dt in range({DV // TD}):
+                    acc2 = T.alloc_buffer(({R}, {TD}), "float32", scope="local")
+                    for rr in T.unroll({R}):
                         for c in T.vectorized({TD}):
-                            O{o_at} = acc2[rr, c]
+                            acc2[rr, c] = T.float32(0)
+                    for j in range({NK}):
+                        for rr in T.unroll({R}):
+                            for c in T.vectorized({TD}):
+                                acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
+                    for rr in range({R}):
+                        g3 = blk * {R} + rr
+                        if g3 < {rows_total}:
+                            for c in T.vectorized({TD}):
+                                O{o_at} = acc2[rr, c]
 '''
     import numpy as np
 
