@@ -217,8 +217,10 @@ def test_decode_attention_reads_only_the_filled_cache_prefix(position: int) -> N
 
 
 # -- prepacked int8 weights -------------------------------------------------------------------------------------------
-def test_int8_weights_are_prepacked_at_compile_time_unless_also_looked_up() -> None:
-    """On VNNI/sdot targets the w8a8 matmul reads tiles made once at lowering; a tied table keeps plain codes."""
+def test_int8_weights_are_prepacked_at_compile_time() -> None:
+    """On VNNI/sdot targets the w8a8 matmul reads tiles made once at lowering; a tied table (matmul weight and
+    embedding, like SmolLM2's head) is stored once, as tiles, and the lookup reads them; an int8 weight that
+    something else reads keeps its plain codes."""
     from qweights import add_quantized_weight
 
     from qir.backends.tvm.kernels import prepack_isa
@@ -235,12 +237,14 @@ def test_int8_weights_are_prepacked_at_compile_time_unless_also_looked_up() -> N
     y = f.add_op("qmatmul", [xq, w], names=["y"]).result
     z = f.add_op("qmatmul", [xq, tied], names=["z"]).result
     e = f.add_op("qembedding", [tied, ids], names=["e"]).result
-    f.set_outputs([y, z, e])
+    other = add_quantized_weight(m, "other", rng.standard_normal((40, 64)).astype(np.float32), "i8", axis=0)
+    o = f.add_op("qmatmul", [xq, other], names=["o"]).result
+    od = f.add_op("dequantize", [other], names=["od"]).result
+    f.set_outputs([y, z, e, o, od])
     feeds = [rng.standard_normal((3, 64)).astype(np.float32), np.array([0, 39, 7], np.int64)]
-    _, built = _compare(m, feeds, {"qmatmul_i8": 2}, rtol=1e-6, atol=1e-5)
+    _, built = _compare(m, feeds, {"qmatmul_i8": 3}, rtol=1e-6, atol=1e-5)
     params = built.lowered.params
-    assert params["tied"].shape == (40, 64) and "tied__rowsum" not in params
-    if prepack_isa(64, built.target) is None:  # AVX2-only / SSE hosts: the kernel packs per call
-        assert params["w"].shape == (40, 64) and "w__rowsum" not in params
-    else:
-        assert params["w"].shape != (40, 64) and "w__rowsum" in params  # stored as the kernel's tiles
+    assert params["other"].shape == (40, 64) and "other__rowsum" not in params
+    packs = prepack_isa(64, built.target) is not None  # False on AVX2-only / SSE hosts: packed per call there
+    for name in ("w", "tied"):
+        assert (params[name].shape != (40, 64)) == packs and (f"{name}__rowsum" in params) == packs

@@ -141,9 +141,13 @@ class QuantLowering:
         dim = table.type.shape[1]
         dt = tvm_dtype(op.result.type.dtype)
         args = [table.codes, table.scale, ids] + ([table.zp] if table.zp is not None else [])
-
-        def fn(tab: Any, s: Any, ids_te: Any, *z: Any) -> Any:
-            return qops.qembedding_te(tab, s, z[0] if z else None, table.lay, ids_te, dim, dt)
+        if op.operands[0].name in self.prepacked:  # type: ignore[attr-defined]
+            # A tied table stored as the int8 matmul's tiles: element (row, d) is Wp[row / L, d / 4, row % L, d % 4].
+            def fn(tab: Any, s: Any, ids_te: Any, *z: Any) -> Any:
+                return qops.qembedding_tiles_te(tab, s, table.lay, ids_te, dim, dt)
+        else:
+            def fn(tab: Any, s: Any, ids_te: Any, *z: Any) -> Any:
+                return qops.qembedding_te(tab, s, z[0] if z else None, table.lay, ids_te, dim, dt)
 
         return [self.emit_te(fn, args, "qembedding", op.result)]
 
@@ -275,8 +279,8 @@ class QuantLowering:
         return per_token, a_zp
 
     def _prepack_isa_for(self, name: str) -> str | None:
-        """The ISA whose int8 kernel will read constant ``name`` prepacked, when EVERY use of it in the module is
-        the weight of such a ``qmatmul`` (a tied table that is also looked up keeps its plain codes)."""
+        """The ISA whose int8 kernel will read constant ``name`` prepacked, when every use of it in the module is
+        the weight of such a ``qmatmul`` or (a tied embedding/head table) a ``qembedding`` lookup."""
         kern = self._kernels()
         t = self.module.constant(name).type  # type: ignore[attr-defined]
         if kern is None or t.quant is None or t.rank != 2 or not isinstance(t.shape[1], int):
@@ -285,8 +289,12 @@ class QuantLowering:
                 for op in self.module.function(fname).ops  # type: ignore[attr-defined]
                 for i, v in enumerate(op.operands) if v.is_constant and v.name == name]
         for op, i in uses:
+            if op.opcode == "qembedding" and i == 0 and t.dtype.name == "i8" and not layout_of(t).has_zp:
+                continue  # a tied table: the lookup reads the tiles (qops.qembedding_tiles_te)
             if op.opcode != "qmatmul" or i != 1 or self._i8_kernel_mode(op.operands[0].type, t) is None:
                 return None
+        if not any(op.opcode == "qmatmul" for op, _ in uses):
+            return None
         return kern.prepack_isa(int(t.shape[1]), self.target) if uses else None
 
     def _kernel_qmatmul_i8(self, op: Op, x: QVal, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
