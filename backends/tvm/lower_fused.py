@@ -1,11 +1,11 @@
-"""Lowering of the float ops that have a scheduled CPU kernel: ``attention``, ``gelu`` and per-token ``quantize``.
+"""Lowering of the ops with a scheduled CPU kernel: ``attention``, ``gelu``, the norms and per-token ``quantize``.
 
 A mixin of :class:`qir.backends.tvm.lower._FunctionLowering` (like :mod:`.lower_quant`). Each ``_kernel_*``
 method returns the lowered Relax value, or ``None`` when the kernel does not apply (no scheduled kernels for the
-target, a dtype or shape the kernel does not take), and the caller then emits its generic lowering. Why these
-three: profiled on MiniLM w8a8 (``bench/tvm_profile.py``), the unfused attention (batched matmuls + five softmax
-passes), ``gelu`` (one scalar ``erff`` call per element) and the per-token quantization (``min``, ``max``, scale
-and codes as four passes) took 85% of the run under the generic schedule, the int8 matmuls 12%.
+target, a dtype or shape the kernel does not take), and the caller then emits its generic lowering. Why these:
+profiled on MiniLM w8a8 (``bench/tvm_profile.py``), the unfused attention (batched matmuls + five softmax passes),
+``gelu`` (one scalar ``erff`` call per element), the per-token quantization (``min``, ``max``, scale and codes as
+four passes) and ``layer_norm`` took 85% of the run under the generic schedule, the int8 matmuls 12%.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _is_head_transpose(op: Op) -> bool:
 
 
 class FusedLowering:
-    """``_kernel_attention``, ``_kernel_gelu`` and ``_kernel_quantize_rows`` (see the module docstring)."""
+    """``_kernel_attention``, ``_kernel_gelu``, ``_kernel_norm``, ``_kernel_quantize_rows`` (module docstring)."""
 
     relax: Any
     tir: Any
