@@ -251,3 +251,34 @@ def test_int8_weights_are_prepacked_at_compile_time() -> None:
     packs = prepack_isa(64, built.target) is not None  # False on AVX2-only / SSE hosts: packed per call there
     for name in ("w", "tied"):
         assert (params[name].shape != (40, 64)) == packs and (f"{name}__rowsum" in params) == packs
+
+
+# -- a real model ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_w8a8_with_every_kernel_matches_interpreter() -> None:
+    """SmolLM2 w8a8 through all the kernels above (GQA causal prefill attention, decode over the filled cache
+    prefix, rms_norm, per-token quantize, prepacked int8 weights, the tied head looked up from its tiles)."""
+    from qir.frontend.importer import import_model
+    from qir.passes import PassManager, parse_pipeline
+
+    m = import_model("smollm2-135m", max_seq=16).module
+    m = PassManager(parse_pipeline("quantize{scheme=w8a8}")).run(m)
+    built = _build(m)
+    for name in ("attention", "rms_norm", "quantize_rows", "qmatmul_i8"):
+        assert built.lowered.kernels.get(name), built.lowered.kernels
+
+    def close(a: np.ndarray, b: np.ndarray) -> None:
+        # Per-token codes flip where upstream floats differ in the last bit (another draw of the same
+        # quantization noise, as in test_backend_tvm's MiniLM w8a8 test): compare the logits as vectors.
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cos.min() > 0.999, cos
+        assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+
+    toks = np.array([[1, 504, 3458, 282, 2]], np.int64)
+    close(built.run([toks], function="prefill")[0], run(m, [toks], function="prefill")[0])
+    rng = np.random.default_rng(1)
+    dec = m.function("decode")
+    feeds = [np.array([[42]], np.int64), np.array([6], np.int64)]
+    feeds += [rng.standard_normal((1, 3, 16, 64)).astype(np.float32) for _ in dec.inputs[2:]]
+    close(built.run(feeds, function="decode")[0], run(m, feeds, function="decode")[0])
