@@ -26,13 +26,10 @@ THREADS = 2
 BATCH, SEQ = 8, 128
 
 
-def _lm_inputs(built: Any, function: str, position: int) -> list[np.ndarray]:
-    sig = built.lowered.signatures[function]
+def _lm_inputs(module: Any, function: str, position: int) -> list[np.ndarray]:
     if function == "prefill":
         return [np.random.default_rng(0).integers(0, 1000, (1, position)).astype(np.int64)]
-    shapes = {name: tuple(int(d) for d in p.struct_info.shape)
-              for name, p in zip(sig["inputs"], built.lowered.mod[function].params)}
-    caches = [np.zeros(shapes[n], np.float32) for n in sig["inputs"][2:]]
+    caches = [np.zeros(v.type.shape, np.float32) for v in module.function(function).inputs[2:]]
     return [np.array([[42]], np.int64), np.array([position], np.int64), *caches]
 
 
@@ -107,7 +104,7 @@ def main() -> int:
     built = build(module, load_target("tvm-llvm"), use_kernels=not args.no_kernels)
     print(f"built in {time.perf_counter() - t0:.1f} s; kernels: {built.lowered.kernels}")
     fname = args.function or next(iter(built.lowered.signatures))
-    feeds = _inputs(args.model) if args.function is None else _lm_inputs(built, fname, args.position)
+    feeds = _inputs(args.model) if args.function is None else _lm_inputs(module, fname, args.position)
     ms, calls, wall = profile(built, feeds, args.runs, fname)
     total = sum(v for k, v in ms.items())
     what = f"@{fname} position {args.position}" if args.function else f"batch {BATCH} x {SEQ}"

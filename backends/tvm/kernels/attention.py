@@ -132,11 +132,11 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
         ch = task % {NCH}{p_lets}
         Kt = T.alloc_buffer(({D}, {skp}), "float32")
         S = T.alloc_buffer(({R}, {skp}), "float32")
-        for j in range({NK}):
-            for dd in range({D}):
+        # d outer: Kt is written contiguously (j inner); the keys' rows (Sk x D floats) stay in L2 meanwhile.
+        for dd in range({D}):
+            for j in range({NK}):
                 Kt[dd, j] = K{k_at}
-        for j in range({NK}, {NKP}):
-            for dd in range({D}):
+            for j in range({NK}, {NKP}):
                 Kt[dd, j] = T.float32(0)
         for blk0 in range({CH // R}):
             blk = ch * {CH // R} + blk0
