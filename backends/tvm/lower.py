@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from qir.backends.tvm import qops
+from qir.backends.tvm.lower_fused import FusedLowering
 from qir.backends.tvm.lower_quant import QuantLowering, QVal, layout_of
 from qir.backends.tvm.qops import tvm_dtype
 from qir.errors import QirError
@@ -85,7 +86,7 @@ _UNARY: dict[str, str] = {"not": "logical_not", "neg": "negative", "abs": "abs",
                           "sin": "sin", "cos": "cos"}
 
 
-class _FunctionLowering(QuantLowering):
+class _FunctionLowering(QuantLowering, FusedLowering):
     """Lowers one qir function into the shared BlockBuilder."""
 
     def __init__(self, module: Module, func: Function, bb: Any, target: Any, params: dict[str, np.ndarray],
@@ -110,6 +111,7 @@ class _FunctionLowering(QuantLowering):
         self.param_order: list[str] = []
         self.param_vars: list[Any] = []
         self.inplace: dict[int, int] = {}
+        self.prepacked: dict[str, Any] = {}  # weight constant -> Relax var of its row sums (prepacked int8)
         from qir.interpreter import RunContext
 
         self.ctx = RunContext(module)
@@ -188,6 +190,15 @@ class _FunctionLowering(QuantLowering):
                 data = np.asarray(value)
                 if t.dtype.is_subbyte:  # a plain int4/int2 constant (a zero point): one value per byte
                     data = data.astype(np.int8 if t.dtype.kind == "int" else np.uint8)
+            packed_isa = self._prepack_isa_for(name) if isinstance(value, QTensor) else None
+            if packed_isa is not None:  # the int8 matmul kernel's tiles, made once here (lower_quant)
+                data, rowsum = self._kernels().qmatmul_vnni.pack_weight(data, packed_isa)
+                rs_name = _sanitize(name) + "__rowsum"
+                self.params.setdefault(rs_name, rowsum)
+                rs_var = relax.Var(rs_name, relax.TensorType(list(rowsum.shape), "int32"))
+                self.prepacked[name] = rs_var
+                self.param_order.append(rs_name)
+                self.param_vars.append(rs_var)
             shape = list(data.shape)
             is_scalarish = data.size <= INLINE_LIMIT and t.quant is None
             if is_scalarish:
@@ -363,6 +374,9 @@ class _FunctionLowering(QuantLowering):
 
     def op_gelu(self, op: Op) -> list[Any]:
         x = self.plain(op, op.operands[0])
+        fast = self._kernel_gelu(op, x)
+        if fast is not None:
+            return [fast]
         fn = self.relax.op.nn.gelu_tanh if op.attrs.get("approximate", "none") == "tanh" else self.relax.op.nn.gelu
         return [self.emit(fn(x), op.result)]
 
@@ -520,12 +534,18 @@ class _FunctionLowering(QuantLowering):
     def op_layer_norm(self, op: Op) -> list[Any]:
         x = self.plain(op, op.operands[0])
         g, b = self._vec(op, 1, 1.0), self._vec(op, 2, 0.0)
+        fast = self._kernel_norm(op, "layer", x, [g, b])
+        if fast is not None:
+            return [fast]
         return [self.emit(self.relax.op.nn.layer_norm(x, g, b, axes=[-1], epsilon=float(op.attrs["eps"])),
                           op.result)]
 
     def op_rms_norm(self, op: Op) -> list[Any]:
         x = self.plain(op, op.operands[0])
         w = self._vec(op, 1, 1.0)
+        fast = self._kernel_norm(op, "rms", x, [w])
+        if fast is not None:
+            return [fast]
         return [self.emit(self.relax.op.nn.rms_norm(x, w, axes=[-1], epsilon=float(op.attrs["eps"])), op.result)]
 
     def _reduce(self, op: Op) -> list[Any]:
@@ -542,6 +562,9 @@ class _FunctionLowering(QuantLowering):
         qt, kt = op.operands[0].type, op.operands[1].type
         hq, hkv, d = qt.shape[1], kt.shape[1], qt.shape[3]
         dt = tvm_dtype(qt.dtype)
+        fused = self._kernel_attention(op, q, k, v)
+        if fused is not None:
+            return [fused]
         if hq != hkv:
             rep = int(hq) // int(hkv)  # type: ignore[arg-type]
             k = self.bb.emit(R.repeat(k, rep, axis=1))
@@ -586,6 +609,9 @@ class _FunctionLowering(QuantLowering):
         return [self.emit(self.relax.op.reshape(x, self.shape(op.result.type.shape)), op.result)]
 
     def op_transpose(self, op: Op) -> list[Any]:
+        pre = self.__dict__.get("prelowered", {}).get(id(op.result))
+        if pre is not None:  # computed by the fused attention kernel in this layout (lower_fused)
+            return [pre]
         x = self.plain(op, op.operands[0])
         return [self.emit(self.relax.op.permute_dims(x, [int(p) for p in op.attrs["perm"]]), op.result)]
 

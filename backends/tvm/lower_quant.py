@@ -73,6 +73,9 @@ class QuantLowering:
             raise self.fail(op, f"quantizing activations to the sub-byte type {t.dtype} is not supported by the "
                                 "TVM backend (use 8-bit activations)")
         if spec.dynamic:
+            fused = self._kernel_quantize_rows(op, x, xt, t, spec)  # type: ignore[attr-defined]
+            if fused is not None:
+                return fused
             scale, zp = self._dynamic_params(op, x, xt, spec.normalized(xt.rank), lay, t)
         else:
             scale = self._param_expr(spec.scale, "float32")
@@ -187,11 +190,21 @@ class QuantLowering:
         assert isinstance(table, QVal)
         dim = table.type.shape[1]
         dt = tvm_dtype(op.result.type.dtype)
-        args = [table.codes, ids] + self._flat(table.scale, table.zp, table.offset)
+        if op.operands[0].name in self.prepacked:  # type: ignore[attr-defined]
+            # A tied int8 table stored as the int8 matmul's tiles: element (row, d) is Wp[row / L, d / 4, row % L,
+            # d % 4] (prepacking only takes symmetric per-row int8 tables: no zero point, no offset).
+            args = [table.codes] + self._flat(table.scale) + [ids]
 
-        def fn(tab: Any, ids_te: Any, *rest: Any) -> Any:
-            s, z, o = self._te_params(iter(rest), table.scale, table.zp, table.offset)
-            return qops.qembedding_te(tab, s, z, table.lay, ids_te, dim, dt, o)
+            def fn(tab: Any, *rest: Any) -> Any:
+                it = iter(rest)
+                (s,) = self._te_params(it, table.scale)
+                return qops.qembedding_tiles_te(tab, s, table.lay, next(it), dim, dt)
+        else:
+            args = [table.codes, ids] + self._flat(table.scale, table.zp, table.offset)
+
+            def fn(tab: Any, ids_te: Any, *rest: Any) -> Any:
+                s, z, o = self._te_params(iter(rest), table.scale, table.zp, table.offset)
+                return qops.qembedding_te(tab, s, z, table.lay, ids_te, dim, dt, o)
 
         return [self.emit_te(fn, args, "qembedding", op.result)]
 
@@ -304,29 +317,64 @@ class QuantLowering:
         args = [x2, w] + ([b] if b is not None else [])
         return self._call_kernel(op, prim, "matmul_f32_k", args, m, n, xt)
 
+    @staticmethod
+    def _i8_kernel_mode(xt: TensorType, wt: TensorType) -> tuple[bool, int] | None:
+        """``(per_token, activation zero point)`` when ``qmatmul(x, w)`` fits the int8 kernel, else ``None``."""
+        xs, wl = xt.quant, layout_of(wt)
+        if xs is None or wt.dtype.name != "i8" or wl.has_zp or wl.group is not None:
+            return None
+        if xt.dtype.name not in ("i8", "u8"):
+            return None
+        xl = layout_of(xt)
+        per_token = xl.axis == xt.rank - 1 and xl.group is not None
+        if not (per_token or xl.axis is None):
+            return None
+        a_zp = 0
+        if not xs.symmetric:
+            if xs.dynamic or not isinstance(xs.zero_point, int):
+                return None
+            a_zp = int(xs.zero_point)
+        return per_token, a_zp
+
+    def _prepack_isa_for(self, name: str) -> str | None:
+        """The ISA whose int8 kernel will read constant ``name`` prepacked, when every use of it in the module is
+        the weight of such a ``qmatmul`` or (a tied embedding/head table) a ``qembedding`` lookup."""
+        kern = self._kernels()
+        t = self.module.constant(name).type  # type: ignore[attr-defined]
+        if kern is None or t.quant is None or t.rank != 2 or not isinstance(t.shape[1], int):
+            return None
+        if t.quant.offset is not None or (isinstance(t.quant.scale, str)
+                                          and self.module.constant(t.quant.scale).type.quant is not None):  # type: ignore[attr-defined]
+            return None  # GGUF minimums and two-level scales stay on the generic (weight-only) paths
+        uses = [(op, i) for fname in self.module.functions  # type: ignore[attr-defined]
+                for op in self.module.function(fname).ops  # type: ignore[attr-defined]
+                for i, v in enumerate(op.operands) if v.is_constant and v.name == name]
+        for op, i in uses:
+            if op.opcode == "qembedding" and i == 0 and t.dtype.name == "i8" and not layout_of(t).has_zp:
+                continue  # a tied table: the lookup reads the tiles (qops.qembedding_tiles_te)
+            if op.opcode != "qmatmul" or i != 1 or self._i8_kernel_mode(op.operands[0].type, t) is None:
+                return None
+        if not any(op.opcode == "qmatmul" for op, _ in uses):
+            return None
+        return kern.prepack_isa(int(t.shape[1]), self.target) if uses else None
+
     def _kernel_qmatmul_i8(self, op: Op, x: QVal, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
         kern = self._kernels()
         if kern is None:
             return None
-        xs = x.type.quant
-        assert xs is not None
-        wl, xl = w.lay, x.lay
-        if w.type.dtype.name != "i8" or wl.has_zp or wl.group is not None or x.type.dtype.name not in ("i8", "u8"):
+        mode = self._i8_kernel_mode(x.type, w.type)
+        if mode is None:
             return None
-        per_token = xl.axis == x.type.rank - 1 and xl.group is not None
-        if not (per_token or xl.axis is None):
-            return None
-        a_zp = 0
-        if x.zp is not None:
-            if xs.dynamic or not isinstance(xs.zero_point, int):
-                return None
-            a_zp = int(xs.zero_point)
+        per_token, a_zp = mode
+        rowsum = self.prepacked.get(op.operands[1].name)  # type: ignore[attr-defined]
         x2, m = self._rows(x.codes, x.type)
         try:
             prim = kern.qmatmul_i8(self._m_arg(m), n, k, self.target, a_dtype=tvm_dtype(x.type.dtype),
                                    a_scale="token" if per_token else "tensor", a_zero_point=a_zp,
-                                   bias=b is not None)
+                                   bias=b is not None, prepacked=rowsum is not None)
         except Exception:  # noqa: BLE001 - fall back to the TE compute
+            if rowsum is not None:
+                raise  # the weight is stored packed: there is no other lowering for it
             prim = None
         if prim is None:
             return None
@@ -334,9 +382,10 @@ class QuantLowering:
         if per_token:
             sx = self.bb.emit(self.relax.op.reshape(sx, [m]))
         sw = w.scale
-        if wl.axis is None:
+        if w.lay.axis is None:
             sw = self.bb.emit(self.relax.op.broadcast_to(sw, [n]))
-        args = [x2, w.codes, sx, sw] + ([b] if b is not None else [])
+        wargs = [w.codes] if rowsum is None else [w.codes, rowsum]
+        args = [x2, *wargs, sx, sw] + ([b] if b is not None else [])
         return self._call_kernel(op, prim, "qmatmul_i8_k", args, m, n, x.type)
 
     def _kernel_wmatmul(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int) -> Any | None:

@@ -31,7 +31,8 @@ import numpy as np
 from qir.dtypes import DType
 
 __all__ = ["QLayout", "NestedParam", "code_at", "param_index", "quantize_te", "dequantize_te", "dyn_scale_te",
-           "dyn_zp_te", "qmatmul_int_te", "wmatmul_te", "qembedding_te", "pack_rows", "tvm_dtype"]
+           "dyn_zp_te", "qmatmul_int_te", "wmatmul_te", "qembedding_te", "qembedding_tiles_te", "pack_rows",
+           "tvm_dtype"]
 
 _TVM_DTYPES = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64",
                "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool",
@@ -276,6 +277,24 @@ def qembedding_te(table: Any, scale: Any, zp: Any | None, lay: QLayout, ids: Any
         *pos, d = idx
         row = ids[tuple(pos)].astype("int64")
         v = _dequant_elem(table, scale, zp, lay, (row, d), offset)
+        return v if out_dtype == "float32" else v.astype(out_dtype)
+
+    return te.compute(tuple(ids.shape) + (dim,), f, name="qembedding")
+
+
+def qembedding_tiles_te(tiles: Any, scale: Any, lay: QLayout, ids: Any, dim: int, out_dtype: str = "float32"
+                        ) -> Any:
+    """:func:`qembedding_te` for an int8 table stored as the w8a8 kernel's tiles ``[N / L, K / 4, L, 4]``
+    (``qir.backends.tvm.kernels.qmatmul_vnni.pack_weight``; symmetric, per row or per tensor)."""
+    from tvm import te
+
+    lanes = int(tiles.shape[2])
+
+    def f(*idx: Any) -> Any:
+        *pos, d = idx
+        row = ids[tuple(pos)].astype("int64")
+        q = tiles[row // lanes, d // 4, row % lanes, d % 4].astype("int32")
+        v = q.astype("float32") * scale[param_index(lay, (row, d))]
         return v if out_dtype == "float32" else v.astype(out_dtype)
 
     return te.compute(tuple(ids.shape) + (dim,), f, name="qembedding")

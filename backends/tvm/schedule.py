@@ -167,11 +167,13 @@ def pipeline(target: Any) -> Any:
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
+            # DeadCodeElimination first: the lowering leaves bindings no output needs (head transposes that the
+            # fused attention kernel reads through), and nothing later removes them.
             seq = tvm.transform.Sequential(
-                base.library_dispatch_passes(target) + base.legalize_passes(target)[:5]
+                [relax.transform.DeadCodeElimination()]
+                + base.library_dispatch_passes(target) + base.legalize_passes(target)[:5]
                 + schedule_passes(target)
                 + base.dataflow_lower_passes(target) + base.finalize_passes(target))
             return seq(mod)
 
-    del relax
     return _pipeline

@@ -54,6 +54,18 @@ scale_dtype="float32", offset_dtype="float32")``
     Dense float: ``A[M, K] f32``, ``B[N, K] f32`` (``b_layout="NK"``, qir ``linear``: ``A @ B.T``) or
     ``B[K, N]`` (``"KN"``, plain ``matmul``), ``bias[N] f32`` (with ``bias=True``), output ``Y[M, N] f32``.
 
+``attention(b, hq, hkv, sq, sk, d, dv, target, *, scale, causal=False, mask=None)``
+    qir ``attention`` fused (scores, mask, softmax, ``p @ v``) into one kernel:
+    :mod:`qir.backends.tvm.kernels.attention`.
+
+``quantize_rows(M, K, target, *, out_dtype, qmin, qmax, symmetric)``
+    qir's dynamic per-token ``quantize`` (range, scale, zero point and codes, bit-exact) in one kernel:
+    :mod:`qir.backends.tvm.kernels.quantize_rows`.
+
+``norm_rows(M, K, target, *, kind, eps)``
+    ``layer_norm`` / ``rms_norm`` over the last axis, one row per task: :mod:`qir.backends.tvm.kernels.norm_rows`.
+    ``mathfn`` holds the vectorizable ``exp``/``erf``/``gelu``.
+
 Instruction selection follows the target's ``mcpu``/``mattr`` (never the build machine's; see
 :mod:`qir.backends.tvm.kernels.cpu_features`): the int8 kernel uses AVX512-VNNI ``vpdpbusd`` or AArch64
 ``sdot`` where the target has them, and an exact int32 vector path elsewhere (AVX2, SSE); the float
@@ -62,9 +74,14 @@ kernels use the target's vector width (AVX-512, AVX2, NEON, SSE).
 
 from __future__ import annotations
 
+from qir.backends.tvm.kernels import mathfn, qmatmul_vnni
+from qir.backends.tvm.kernels.attention import attention
 from qir.backends.tvm.kernels.cpu_features import CpuFeatures, features_of
 from qir.backends.tvm.kernels.matmul_f32 import matmul_f32
-from qir.backends.tvm.kernels.qmatmul_i8 import qmatmul_i8
+from qir.backends.tvm.kernels.norm_rows import norm_rows
+from qir.backends.tvm.kernels.qmatmul_i8 import prepack_isa, qmatmul_i8
+from qir.backends.tvm.kernels.quantize_rows import quantize_rows
 from qir.backends.tvm.kernels.wmatmul import Nested, wmatmul
 
-__all__ = ["CpuFeatures", "Nested", "features_of", "matmul_f32", "qmatmul_i8", "wmatmul"]
+__all__ = ["CpuFeatures", "Nested", "attention", "features_of", "mathfn", "matmul_f32", "norm_rows", "prepack_isa",
+           "qmatmul_i8", "qmatmul_vnni", "quantize_rows", "wmatmul"]

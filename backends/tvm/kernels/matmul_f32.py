@@ -24,11 +24,13 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def packed_gemm(A: te.Tensor, M: Dim, N: int, K: int, b_value: Callable[[tirx.Var, tirx.Var], tirx.PrimExpr],
-                bias_t: te.Tensor | None, nr: int) -> te.Tensor:
+                bias_t: te.Tensor | None, nr: int, mr: int = 1) -> te.Tensor:
     """TE for ``Y[m, n] = sum_k A[m, k] * b(n, k) (+ bias[n])`` through panels ``B_pack[N/nr, K, nr]``.
 
     ``b_value(n, k)`` is the f32 weight element (a load, or a dequantization): it is evaluated once
-    per element into the panels, padded with 0 past ``N``.
+    per element into the panels, padded with 0 past ``N``. A dynamic ``M`` is rounded up to whole ``mr``-row
+    tiles (rows past ``M`` read row ``M - 1`` and are never written): without it every FMA of the register
+    tile sits under a ``row < M`` predicate and the kernel runs 6x slower.
     """
     no = _ceil_div(N, nr)
 
@@ -40,20 +42,25 @@ def packed_gemm(A: te.Tensor, M: Dim, N: int, K: int, b_value: Callable[[tirx.Va
 
     Bp = te.compute((no, K, nr), b_at, name="B_pack")
     k = te.reduce_axis((0, K), name="k")
-    C = te.compute((M, N), lambda m, n: te.sum(A[m, k] * Bp[n // nr, k, n % nr], axis=k), name="C")
+    if isinstance(M, int) or mr == 1:
+        C = te.compute((M, N), lambda m, n: te.sum(A[m, k] * Bp[n // nr, k, n % nr], axis=k), name="C")
+    else:
+        mp = (M + (mr - 1)) // mr * mr
+        C = te.compute((mp, N), lambda m, n: te.sum(A[tirx.min(m, M - 1), k] * Bp[n // nr, k, n % nr], axis=k),
+                       name="C")
     if bias_t is not None:
         return te.compute((M, N), lambda m, n: C[m, n] + bias_t[n], name="Y")
     # A copy epilogue all the same: it is the write-back of the register tile.
     return te.compute((M, N), lambda m, n: C[m, n], name="Y")
 
 
-def gemm_compute(M: Dim, N: int, K: int, b_layout: str, bias: bool, nr: int
+def gemm_compute(M: Dim, N: int, K: int, b_layout: str, bias: bool, nr: int, mr: int = 1
                  ) -> tuple[list[te.Tensor], te.Tensor]:
     """TE for ``Y = A @ B(.T) (+bias)`` through a packed B; returns (params, Y)."""
     A = te.placeholder((M, K), "float32", name="A")
     B = te.placeholder((N, K) if b_layout == "NK" else (K, N), "float32", name="B")
     bias_t = te.placeholder((N,), "float32", name="bias") if bias else None
-    Y = packed_gemm(A, M, N, K, lambda n, k: B[n, k] if b_layout == "NK" else B[k, n], bias_t, nr)
+    Y = packed_gemm(A, M, N, K, lambda n, k: B[n, k] if b_layout == "NK" else B[k, n], bias_t, nr, mr)
     return [A, B] + ([bias_t] if bias_t is not None else []), Y
 
 
@@ -97,7 +104,7 @@ def matmul_f32(M: Dim, N: int, K: int, target: tvm.target.Target | str | dict, *
     if is_static_one(M) and b_layout == "NK":
         return _gemv(N, K, bias, feat)
     tile = f32_tile(feat)
-    params, Y = gemm_compute(M, N, K, b_layout, bias, tile.nr)
+    params, Y = gemm_compute(M, N, K, b_layout, bias, tile.nr, tile.mr)
     sch = s_tir.Schedule(te.create_prim_func([*params, Y]))
     schedule_gemm(sch, feat, "C", tile.mr, tile.nr, min(tile.kc, K), "Y", "B_pack")
     return sch.mod["main"].with_attr("global_symbol", "main")

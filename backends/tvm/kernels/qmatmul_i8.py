@@ -46,9 +46,20 @@ def _ceil_to(a: int, b: int) -> int:
     return -(-a // b) * b
 
 
+def prepack_isa(K: int, target: tvm.target.Target | str | dict) -> str | None:
+    """The dot-product ISA (``"vnni"``/``"sdot"``) whose kernel takes a weight prepacked by
+    :func:`~qir.backends.tvm.kernels.qmatmul_vnni.pack_weight`, or ``None`` (that target packs per call)."""
+    feat = features_of(target_of(target))
+    if feat is None or feat.int8_path not in ("vnni", "sdot") or K % 4:
+        return None
+    return feat.int8_path
+
+
 def qmatmul_i8(M: Dim, N: int, K: int, target: tvm.target.Target | str | dict, *, a_dtype: str = "int8",
-               a_scale: str = "token", a_zero_point: int = 0, bias: bool = False) -> tirx.PrimFunc | None:
-    """Scheduled w8a8 ``qmatmul``; parameters and formula in :mod:`qir.backends.tvm.kernels`."""
+               a_scale: str = "token", a_zero_point: int = 0, bias: bool = False,
+               prepacked: bool = False) -> tirx.PrimFunc | None:
+    """Scheduled w8a8 ``qmatmul``; parameters and formula in :mod:`qir.backends.tvm.kernels`. ``prepacked``
+    (only where :func:`prepack_isa` names an ISA): the weight comes as ``pack_weight``'s ``Wp, RS``."""
     check_dims("qmatmul_i8", M=M, N=N, K=K)
     if a_dtype not in ("int8", "uint8"):
         raise ValueError(f"qmatmul_i8: a_dtype must be 'int8' or 'uint8', got {a_dtype!r}")
@@ -59,7 +70,9 @@ def qmatmul_i8(M: Dim, N: int, K: int, target: tvm.target.Target | str | dict, *
         return None
     if feat.int8_path in ("vnni", "sdot") and K % 4 == 0:
         return qmatmul_vnni(M, N, K, a_dtype=a_dtype, a_scale=a_scale, a_zero_point=a_zero_point, bias=bias,
-                            isa=feat.int8_path)
+                            isa=feat.int8_path, prepacked=prepacked)
+    if prepacked:
+        raise ValueError("qmatmul_i8: prepacked weights need a vnni/sdot target and K % 4 == 0 (see prepack_isa)")
     plan = _plan(feat)
     za = int(a_zero_point)
 

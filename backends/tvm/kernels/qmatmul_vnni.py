@@ -13,6 +13,7 @@ for uint8) before the f32 epilogue. Products and sums are exact in int32. Needs 
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import tirx
 
@@ -27,13 +28,51 @@ ISAS = {
     "sdot": (4, "llvm.aarch64.neon.sdot.v4i32.v16i8", "int8"),
 }
 
+# The per-call packing (when the weight is not prepacked): row sums and [N/L, K/4, L, 4] tiles.
+_PACK = """    Wp = T.alloc_buffer(({nbp}, {kb}, {L}, 4), "int8")
+    RS = T.alloc_buffer(({nbpl},), "int32")
+    for o in T.parallel({nbp}):
+        for i in range({L}):
+            RS[o * {L} + i] = 0
+            for kk in range(4 * {kb}):
+                if o * {L} + i < {N}:
+                    RS[o * {L} + i] = RS[o * {L} + i] + T.Cast("int32", W[o * {L} + i, kk])
+        for q in range({kb}):
+            for i in range({L}):
+                for j in T.vectorized(4):
+                    Wp[o, q, i, j] = T.if_then_else(o * {L} + i < {N}, W[T.min(o * {L} + i, {N1}), q * 4 + j],
+                                                    T.int8(0))
+"""
+
+
+def pack_weight(w: np.ndarray, isa: str) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's weight tiles and row sums, computed once (at compile time) instead of in every call.
+
+    ``w [N, K] int8`` -> ``Wp [nbp, K / 4, lanes, 4] int8`` (``Wp[o, q, i, j] = w[o * lanes + i, 4 q + j]``,
+    zero past ``N``; ``nbp`` a multiple of ``NT``) and ``RS [nbp * lanes] int32`` (the rows' sums, for the
+    activation zero-point / sign compensation). Exactly what the kernel's own packing loop writes.
+    """
+    lanes = ISAS[isa][0]
+    n, k = w.shape
+    if k % 4:
+        raise ValueError(f"pack_weight needs K % 4 == 0, got {k}")
+    nb = -(-n // lanes)
+    nbp = -(-nb // NT) * NT
+    full = np.zeros((nbp * lanes, k), np.int8)
+    full[:n] = w
+    wp = np.ascontiguousarray(full.reshape(nbp, lanes, k // 4, 4).transpose(0, 2, 1, 3))
+    rs = full.astype(np.int32).sum(axis=1, dtype=np.int32)
+    return wp, rs
+
 
 def qmatmul_vnni(M: Dim, N: int, K: int, *, a_dtype: str, a_scale: str, a_zero_point: int,
-                 bias: bool, isa: str = "vnni") -> tirx.PrimFunc:
+                 bias: bool, isa: str = "vnni", prepacked: bool = False) -> tirx.PrimFunc:
     """The dot-product kernel with :func:`~qir.backends.tvm.kernels.qmatmul_i8`'s parameters (``K % 4 == 0``).
 
     ``isa="vnni"``: x86 ``vpdpbusd`` (u8 x s8, 16 lanes); ``isa="sdot"``: AArch64 ``sdot`` (s8 x s8,
-    4 lanes; uint8 activations are flipped to ``A - 128`` and ``c = za - 128``).
+    4 lanes; uint8 activations are flipped to ``A - 128`` and ``c = za - 128``). ``prepacked``: the weight
+    parameter is replaced by :func:`pack_weight`'s two arrays (``Wp``, ``RS``, in that order) and the
+    per-call packing loop is left out.
     """
     if K % 4:
         raise ValueError(f"qmatmul_vnni needs K % 4 == 0, got {K}")
@@ -56,28 +95,37 @@ def qmatmul_vnni(M: Dim, N: int, K: int, *, a_dtype: str, a_scale: str, a_zero_p
     bias_add = " + B[n]" if bias else ""
     comp = f" - {c} * RS[n]" if c else ""
     m_decl = '    m = T.int64()\n' if dyn else ""
+    if prepacked:
+        w_params = "wp: T.handle, rs: T.handle"
+        w_bufs = (f'    Wp = T.match_buffer(wp, ({nbp}, {kb}, {L}, 4), "int8")\n'
+                  f'    RS = T.match_buffer(rs, ({nbp * L},), "int32")\n')
+        pack = ""
+    else:
+        w_params = "w: T.handle"
+        w_bufs = f'    W = T.match_buffer(w, ({N}, {K}), "int8")\n'
+        pack = _PACK.format(nbp=nbp, nbpl=nbp * L, L=L, kb=kb, N=N, N1=N - 1)
+    if N % (NT * L) == 0:
+        # Whole tiles only: the epilogue is vectorized (no per-column bound check).
+        nn = f"t % {ntb} * {NT * L} + cc"
+        comp_v, bias_v = comp.replace("[n]", f"[{nn}]"), bias_add.replace("[n]", f"[{nn}]")
+        epilogue = (f"                for cc in T.vectorized({NT * L}):\n"
+                    f"                    Y[row, {nn}] = T.Cast(\"float32\", acc[mi, cc]{comp_v})"
+                    f" * (AS[{as_row}] * WS[{nn}]){bias_v}\n")
+    else:
+        epilogue = (f"                for cc in range({NT * L}):\n"
+                    f"                    n = t % {ntb} * {NT * L} + cc\n"
+                    f"                    if n < {N}:\n"
+                    f"                        Y[row, n] = T.Cast(\"float32\", acc[mi, cc]{comp})"
+                    f" * (AS[{as_row}] * WS[n]){bias_add}\n")
     src = f'''
 @T.prim_func
-def main(a: T.handle, w: T.handle, a_s: T.handle, w_s: T.handle, {bias_param}y: T.handle):
+def main(a: T.handle, {w_params}, a_s: T.handle, w_s: T.handle, {bias_param}y: T.handle):
     T.func_attr({{"global_symbol": "main", "tirx.noalias": True}})
 {m_decl}    A = T.match_buffer(a, ({m}, {K}), "{a_dtype}")
-    W = T.match_buffer(w, ({N}, {K}), "int8")
-    AS = T.match_buffer(a_s, {as_shape}, "float32")
+{w_bufs}    AS = T.match_buffer(a_s, {as_shape}, "float32")
     WS = T.match_buffer(w_s, ({N},), "float32")
 {bias_buf}    Y = T.match_buffer(y, ({m}, {N}), "float32")
-    Wp = T.alloc_buffer(({nbp}, {kb}, {L}, 4), "int8")
-    RS = T.alloc_buffer(({nbp * L},), "int32")
-    for o in T.parallel({nbp}):
-        for i in range({L}):
-            RS[o * {L} + i] = 0
-            for kk in range(4 * {kb}):
-                if o * {L} + i < {N}:
-                    RS[o * {L} + i] = RS[o * {L} + i] + T.Cast("int32", W[o * {L} + i, kk])
-        for q in range({kb}):
-            for i in range({L}):
-                for j in T.vectorized(4):
-                    Wp[o, q, i, j] = T.if_then_else(o * {L} + i < {N}, W[T.min(o * {L} + i, {N - 1}), q * 4 + j],
-                                                    T.int8(0))
+{pack}
     for t in T.parallel(({m} + {mr - 1}) // {mr} * {ntb}):
         acc = T.alloc_buffer(({mr}, {NT * L}), "int32", scope="local")
         for mi in T.unroll({mr}):
@@ -97,11 +145,7 @@ def main(a: T.handle, w: T.handle, a_s: T.handle, w_s: T.handle, {bias_param}y: 
         for mi in range({mr}):
             row = t // {ntb} * {mr} + mi
             if row < {m}:
-                for cc in range({NT * L}):
-                    n = t % {ntb} * {NT * L} + cc
-                    if n < {N}:
-                        Y[row, n] = T.Cast("float32", acc[mi, cc]{comp}) * (AS[{as_row}] * WS[n]){bias_add}
-'''
+{epilogue}'''
     func = tvm.script.from_source(src)
     if isinstance(func, tvm.IRModule):
         func = func["main"]

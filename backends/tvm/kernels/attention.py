@@ -1,0 +1,217 @@
+"""qir ``attention`` as one scheduled CPU kernel: scores, mask, softmax and ``p @ v`` without leaving the cache.
+
+Unfused, the op was three batched matmuls' worth of memory traffic plus five softmax passes over a
+``[B, H, Sq, Sk]`` f32 tensor, all under the generic schedule: 60% of MiniLM w8a8 on ``tvm-llvm``. Here one task
+per ``(batch, kv head)`` (parallel) does, for the ``rep = Hq / Hkv`` query heads that read that kv head:
+
+0. (tasks are ``(batch, kv head, chunk of 64 query rows)``, so a few kv heads still fill the threads)
+1. ``Kt[d, j] = k[j, d]``: the keys transposed once (zero-padded to a whole number of column tiles), so the
+   score loop is a register-tiled GEMM: ``R`` query rows x ``TJ`` keys of accumulators, one vector load of
+   ``Kt`` and ``R`` broadcasts of ``q`` per ``d``;
+2. per block of ``R`` rows: a bias row (``0`` where the key is allowed, ``-inf`` where the bool mask, the
+   causal rule or the padding forbids it; the float mask's own value for an additive mask), then
+   ``s = acc * scale + bias``;
+3. the softmax per row, vectorized: max, ``e = exp(s - top)`` (``0`` where ``s = -inf``: a row with no key
+   left gives ``p = 0``, as qir's semantics say), sum, ``p = e / total``; ``exp`` is
+   :func:`~qir.backends.tvm.kernels.mathfn.fast_exp`;
+4. ``out[r, :] = sum_j p[r, j] * v[j, :]``: ``R x Dv`` accumulators, vectorized over ``Dv``.
+
+Float results differ from the interpreter's only in summation order and the polynomial ``exp``
+(relative 1e-6). Parameters (call order): ``q [B, Hq, Sq, D]``, ``k [B, Hkv, Sk, D]``, ``v [B, Hkv, Sk, Dv]``,
+the optional ``mask`` (rank 4, each dim 1 or full; bool = attend, or f32 additive), and the output
+``o [B, Hq, Sq, Dv]``; ``B``, ``Sq``, ``Sk`` may be dynamic (``None``).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from qir.backends.tvm.kernels.common import target_of
+from qir.backends.tvm.kernels.cpu_features import features_of
+from qir.backends.tvm.kernels.mathfn import fast_exp
+
+__all__ = ["attention"]
+
+ROWS = 4  # query rows per register tile
+CHUNK_BLOCKS = 16  # register tiles of rows per parallel task
+
+
+def _dim(v: int | None, name: str) -> str:
+    return name if v is None else str(v)
+
+
+def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, d: int, dv: int,
+              target: tvm.target.Target | str | dict, *, scale: float, causal: bool = False,
+              mask: tuple[str, tuple[bool, bool, bool, bool]] | None = None,
+              layouts: tuple[str, str, str, str] = ("bhsd", "bhsd", "bhsd", "bhsd"), limit: bool = False
+              ) -> tirx.PrimFunc | None:
+    """The scheduled kernel, or ``None`` where there is none (not an ``llvm`` target, ``Dv`` not a whole number
+    of vectors). ``mask``: ``(dtype, full)`` with ``dtype`` ``"bool"`` or ``"float32"`` and ``full[a]`` true where
+    the mask's axis ``a`` has the scores' size (false: size 1, broadcast). ``layouts``: of ``q``, ``k``, ``v`` and
+    the output, each ``"bhsd"`` (qir's ``[B, H, S, D]``) or ``"bshd"`` (``[B, S, H, D]``: the projection's output
+    before the head transpose, read and written in place of a transpose). ``limit``: no mask; an extra input
+    ``p [1] int64`` after ``v`` says that keys ``j <= p[0]`` are attended (a decode step over a static cache
+    filled up to position ``p``, the mask ``arange(Sk) <= p``), and only those keys are read at all."""
+    if limit and mask is not None:
+        raise ValueError("attention: limit replaces the mask; pass one or the other")
+    feat = features_of(target_of(target))
+    if feat is None or hq % hkv or (mask is not None and mask[0] not in ("bool", "float32")):
+        return None
+    lanes = feat.f32_lanes
+    if dv % lanes:
+        return None
+    rep = hq // hkv
+    tj = 2 * lanes  # keys per score tile: two vectors
+    td = dv if dv <= 4 * lanes else next(c for c in (4 * lanes, 2 * lanes, lanes) if dv % c == 0)
+    B, SQ, SK = _dim(b, "bsz"), _dim(sq, "sq"), _dim(sk, "sk")
+    rows_total = f"({rep} * {SQ})"
+    r = ROWS if sq is None or rep * sq >= ROWS else rep * sq
+    decls = "".join(f"    {n} = T.int64()\n" for v, n in ((b, "bsz"), (sq, "sq"), (sk, "sk")) if v is None)
+    skp = f"(({SK} + {tj - 1}) // {tj} * {tj})"
+    mask_param = "m: T.handle, " if mask is not None else ""
+    # Keys actually visited: all Sk, or (limit) the first p + 1; buffers keep their full size.
+    NK, NKP = ("nk", "nkp") if limit else (SK, skp)  # noqa: N806
+    p_param = "p: T.handle, " if limit else ""
+    p_buf = '    P = T.match_buffer(p, (1,), "int64")\n' if limit else ""
+    p_lets = (f"\n        nk = T.max(T.min(P[0] + T.int64(1), T.int64({SK})), T.int64(0))"
+              f"\n        nkp = (nk + T.int64({tj - 1})) // T.int64({tj}) * T.int64({tj})") if limit else ""
+    mask_buf = ""
+    # The row being computed: g in [0, rep * Sq) -> query head hkv * rep + g // Sq, query position g % Sq.
+    if mask is not None:
+        mdt, full = mask
+        mshape = ", ".join(n if f else "1" for n, f in zip((B, str(hq), SQ, SK), full))
+        mask_buf = f'    M = T.match_buffer(m, ({mshape}), "{mdt}")\n'
+        mi = ", ".join(ix if f else "0" for ix, f in zip(("bi", "hi", "qi", "j"), full))
+        if mdt == "bool":
+            allowed = f"M[{mi}]"
+            addend = None
+        else:
+            allowed = None
+            addend = f"M[{mi}]"
+    else:
+        allowed = addend = None
+    if causal:
+        cond = f"j <= qi + ({SK} - {SQ})"
+        allowed = cond if allowed is None else f"{allowed} and {cond}"
+    bias = "T.float32(0)" if addend is None else addend
+    if allowed is not None:
+        bias = f"T.Select({allowed}, {bias}, T.float32(-np.inf))"
+    if any(lay not in ("bhsd", "bshd") for lay in layouts):
+        raise ValueError(f"attention: layouts must be 'bhsd' or 'bshd', got {layouts}")
+
+    def shp(lay: str, h: int, s_: str, d_: int) -> str:
+        return f"({B}, {h}, {s_}, {d_})" if lay == "bhsd" else f"({B}, {s_}, {h}, {d_})"
+
+    def at(lay: str, b_: str, h: str, s_: str, d_: str) -> str:
+        return f"[{b_}, {h}, {s_}, {d_}]" if lay == "bhsd" else f"[{b_}, {s_}, {h}, {d_}]"
+
+    lq, lk, lv, lo = layouts
+    q_at = at(lq, "bi", f"kh * {rep} + g2 // {SQ}", f"g2 % {SQ}", "dd")
+    k_at = at(lk, "bi", "kh", "j", "dd")
+    v_at = at(lv, "bi", "kh", "j", f"dt * {td} + c")
+    o_at = at(lo, "bi", f"kh * {rep} + g3 // {SQ}", f"g3 % {SQ}", f"dt * {td} + c")
+    # Row chunks of CH rows are separate parallel tasks (each packs its own Kt): a prefill with few kv heads
+    # (SmolLM2: 3) still spreads over the threads.
+    ch_rows = r * CHUNK_BLOCKS
+    n_chunks = f"(({rows_total} + {ch_rows - 1}) // {ch_rows})"
+    # Short names for the template.
+    L, TJ, TD, R, D, DV, H, HKV, CH, NCH = lanes, tj, td, r, d, dv, hq, hkv, ch_rows, n_chunks  # noqa: N806
+    src = f'''
+@T.prim_func
+def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle):
+    T.func_attr({{"global_symbol": "main", "tirx.noalias": True}})
+{decls}    Q = T.match_buffer(q, {shp(lq, H, SQ, D)}, "float32")
+    K = T.match_buffer(k, {shp(lk, HKV, SK, D)}, "float32")
+    V = T.match_buffer(v, {shp(lv, HKV, SK, DV)}, "float32")
+{p_buf}{mask_buf}    O = T.match_buffer(o, {shp(lo, H, SQ, DV)}, "float32")
+    for task in T.parallel({B} * {HKV} * {NCH}):
+        bi = task // ({HKV} * {NCH})
+        kh = task // {NCH} % {HKV}
+        ch = task % {NCH}{p_lets}
+        Kt = T.alloc_buffer(({D}, {skp}), "float32")
+        S = T.alloc_buffer(({R}, {skp}), "float32")
+        # d outer: Kt is written contiguously (j inner); the keys' rows (Sk x D floats) stay in L2 meanwhile.
+        for dd in range({D}):
+            for j in range({NK}):
+                Kt[dd, j] = K{k_at}
+            for j in range({NK}, {NKP}):
+                Kt[dd, j] = T.float32(0)
+        for blk0 in range({CH // R}):
+            blk = ch * {CH // R} + blk0
+            if blk * {R} < {rows_total}:
+                # 2. bias rows (mask, causal rule, padding)
+                for rr in range({R}):
+                    g = T.min(blk * {R} + rr, {rows_total} - 1)
+                    hi = kh * {rep} + g // {SQ}
+                    qi = g % {SQ}
+                    for j in range({NK}):
+                        S[rr, j] = {bias}
+                    for j in range({NK}, {NKP}):
+                        S[rr, j] = T.float32(-np.inf)
+                # 1. scores: R x TJ register tiles over Kt
+                for jt in range({NKP} // {TJ}):
+                    acc = T.alloc_buffer(({R}, {TJ}), "float32", scope="local")
+                    for rr in T.unroll({R}):
+                        for c in T.vectorized({TJ}):
+                            acc[rr, c] = T.float32(0)
+                    for dd in range({D}):
+                        for rr in T.unroll({R}):
+                            g2 = T.min(blk * {R} + rr, {rows_total} - 1)
+                            for c in T.vectorized({TJ}):
+                                acc[rr, c] = (acc[rr, c]
+                                              + Q{q_at} * Kt[dd, jt * {TJ} + c])
+                    for rr in T.unroll({R}):
+                        for c in T.vectorized({TJ}):
+                            S[rr, jt * {TJ} + c] = acc[rr, c] * T.float32({scale!r}) + S[rr, jt * {TJ} + c]
+                # 3. softmax per row
+                for rr in range({R}):
+                    mv = T.alloc_buffer(({L},), "float32", scope="local")
+                    sv = T.alloc_buffer(({L},), "float32", scope="local")
+                    top = T.alloc_buffer((1,), "float32", scope="local")
+                    tot = T.alloc_buffer((1,), "float32", scope="local")
+                    for c in T.vectorized({L}):
+                        mv[c] = T.float32(-np.inf)
+                        sv[c] = T.float32(0)
+                    for jo in range({NKP} // {L}):
+                        for c in T.vectorized({L}):
+                            mv[c] = T.max(mv[c], S[rr, jo * {L} + c])
+                    top[0] = T.float32(-np.inf)
+                    for c in range({L}):
+                        top[0] = T.max(top[0], mv[c])
+                    top[0] = T.Select(T.isfinite(top[0]), top[0], T.float32(0))
+                    for jo in range({NKP} // {L}):
+                        for c in T.vectorized({L}):
+                            S[rr, jo * {L} + c] = T.Select(S[rr, jo * {L} + c] == T.float32(-np.inf), T.float32(0),
+                                                           fexp(S[rr, jo * {L} + c] - top[0]))
+                            sv[c] = sv[c] + S[rr, jo * {L} + c]
+                    tot[0] = T.float32(0)
+                    for c in range({L}):
+                        tot[0] = tot[0] + sv[c]
+                    tot[0] = T.Select(tot[0] > T.float32(0), tot[0], T.float32(1))
+                    for jo in range({NKP} // {L}):
+                        for c in T.vectorized({L}):
+                            S[rr, jo * {L} + c] = S[rr, jo * {L} + c] / tot[0]
+                # 4. out = p @ v, R x TD accumulators
+                for dt in range({DV // TD}):
+                    acc2 = T.alloc_buffer(({R}, {TD}), "float32", scope="local")
+                    for rr in T.unroll({R}):
+                        for c in T.vectorized({TD}):
+                            acc2[rr, c] = T.float32(0)
+                    for j in range({NK}):
+                        for rr in T.unroll({R}):
+                            for c in T.vectorized({TD}):
+                                acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
+                    for rr in range({R}):
+                        g3 = blk * {R} + rr
+                        if g3 < {rows_total}:
+                            for c in T.vectorized({TD}):
+                                O{o_at} = acc2[rr, c]
+'''
+    import numpy as np
+
+    func = tvm.script.from_source(src, extra_vars={"T": T, "np": np, "fexp": fast_exp})
+    if isinstance(func, tvm.IRModule):
+        func = func["main"]
+    return func
