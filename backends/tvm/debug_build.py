@@ -72,7 +72,12 @@ def _stored(data: np.ndarray, t: TensorType) -> np.ndarray:
     """A Relax parameter's data back as the qir constant's stored elements (codes for quantized constants)."""
     from qir.backends.tvm.lower_quant import layout_of
 
-    if t.quant is not None:
+    if t.quant is not None and data.ndim == 4 and t.rank == 2:
+        # int8 weights prepacked into the dot-product kernel's tiles (kernels.qmatmul_vnni.pack_weight):
+        # Wp[o, q, i, j] = w[o * lanes + i, 4 q + j], rows past N zero -- undo it instead of storing the codes twice.
+        nbp, kq, lanes, four = data.shape
+        data = data.transpose(0, 2, 1, 3).reshape(nbp * lanes, kq * four)[: int(t.shape[0])]
+    elif t.quant is not None:
         lay = layout_of(t)
         if lay.packed:
             data = unpack_rows(data, lay.bits, lay.signed, int(t.shape[-1]))  # type: ignore[arg-type]
@@ -118,7 +123,7 @@ def write_debug_inputs(module: Module, lowered: Any, target: Any, use_kernels: b
             continue
         held = lowered.params.get(_sanitize(name))
         data = np.asarray(c.numpy())
-        if held is not None and held.shape[:-1] == data.shape[:-1]:
+        if held is not None and (held.shape[:-1] == data.shape[:-1] or held.ndim == 4):
             back = _stored(held, c.type)
             if back.shape == data.shape and np.array_equal(back, data):
                 continue
