@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from qweights import add_quantized_weight
+from test_debug import mlp_stack
 
 import qir
 from qir.debug import QirSource, compare_sources, open_source
@@ -33,20 +34,7 @@ D = 32
 
 def tiny(n_layers: int = 2) -> qir.Module:
     """``x -> n x (x + down(silu(up(x))))`` (quantized by the tests: every linear reads int8 codes)."""
-    rng = np.random.default_rng(0)
-    m = qir.Module("tiny")
-    f = m.add_function("main")
-    h = f.add_input("x", TensorType.of("f32", [1, "seq", D]))
-    for i in range(n_layers):
-        up = m.add_constant(f"layers.{i}.up.weight", (rng.standard_normal((2 * D, D)) / np.sqrt(D)).astype(np.float32))
-        down = m.add_constant(f"layers.{i}.down.weight",
-                              (rng.standard_normal((D, 2 * D)) / np.sqrt(2 * D)).astype(np.float32))
-        u = f.add_op("linear", [h, up], names=[f"layers.{i}.up"]).result
-        a = f.add_op("silu", [u], names=[f"layers.{i}.act"]).result
-        dn = f.add_op("linear", [a, down], names=[f"layers.{i}.down"]).result
-        h = f.add_op("add", [h, dn], names=[f"layers.{i}.out"]).result
-    f.set_outputs([h])
-    return m
+    return mlp_stack(n_layers, seed=0)
 
 
 def feed(seq: int = 9) -> dict[str, np.ndarray]:
@@ -180,7 +168,12 @@ def test_minilm_float_against_its_tvm_artifact(tmp_path: Path) -> None:
     ref = QirSource.from_import(imported)
     src = open_source(str(tmp_path / "art"), chunk=1000)  # one debug build: the default sentences are short
     r = compare_sources(ref, src, default_feeds(ref))
-    assert r.matched == len(src.value_names()) == len(ref.value_names()) > 150
+    assert r.matched == len(src.value_names()) > 150
+    # The fused attention kernel writes its result through the head transpose that follows it, so the attention
+    # op's own (untransposed) result is never materialized; every other value is.
+    opcode = {r.name: op.opcode for op in ref.function.ops for r in op.results}
+    missing = set(ref.value_names()) - set(src.value_names())
+    assert {opcode.get(n) for n in missing} <= {"attention"}
     ints = r.integer_tensors
     assert len(ints) > 20 and all(t.exact for t in ints)
     assert min(t.sqnr_db for t in r.tensors) > 90
