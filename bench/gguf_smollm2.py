@@ -41,6 +41,19 @@ norms, RoPE under the generic schedule: issue #7).
 A speed-only rerun right after (same functions, no perplexity, repeats 2, load average 2-3) gave prefill512 /
 decode: ort-keep 2.19 s / 5.7 tok/s, tvm-keep 51.6 s / 11.7 tok/s, tvm-keep-cs 75.2 s / 7.2 tok/s, llama.cpp
 (2 threads) 10.8 s / 0.17 tok/s -- still the spin-wait collapse, against 55.8 tok/s with 1 thread.
+
+Quiet machine, after the TVM attention/quantize kernels (#7) were merged, nothing else running (one run,
+``--repeats 3 --decode 32``, artifacts ort-keep and tvm-keep only)::
+
+    ort-keep        107.3  12.7798 1.0000         0.662   1.00           9.2
+    tvm-keep         98.5  12.7798 1.0000        15.629  23.60          41.9
+    llama.cpp Q4_1   98.4  12.8010 1.0017         9.877  14.91           0.3
+
+llama.cpp still collapses INSIDE this process (0.3 tok/s even on the quiet machine: ORT's and TVM's thread pools
+of the earlier rows are alive in the same process and its workers spin against them). Run alone right after,
+``python bench/tvm_decode_llamacpp.py --tokens 64 --threads 2`` gave Q4_1 130.4 tok/s (Q8_0 126.1, Q4_0 182.0;
+1 thread: 110.7 / 98.5 / 168.1): tvm-keep's 41.9 tok/s is ~0.32x llama.cpp at equal bits (its context here is
+128 + 32 tokens, llama.cpp's 64 + 64). Running llama.cpp in a child process would make the row trustworthy.
 """
 
 from __future__ import annotations
