@@ -182,18 +182,23 @@ def test_smollm2_keeps_its_own_blocks() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
 
 
+def kept_tiny_model(tmp_path: Path, q_type: object) -> tuple[Module, np.ndarray, np.ndarray]:
+    """The tiny GGUF of ``q_type`` linears, traced and kept quantized; a token row and the interpreter's logits."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, tiny_tensors(np.random.default_rng(3), q_type))
+    m = traced_like(path)
+    keep_gguf_quantization(m, path)
+    tokens = np.array([[1, 5, 7, 95, 0]], np.int64)
+    return m, tokens, np.asarray(run(m, [tokens])[0])
+
+
 @pytest.mark.parametrize("q_type", [Q.Q4_1, Q.Q8_0])
 def test_kept_module_runs_on_onnx_runtime(tmp_path: Path, q_type: object) -> None:
     """ort-cpu lowering: 4- and 8-bit MatMulNBits (+ a block-sum term for the minimum); the tied table once."""
     from qir.backends.onnx.lower import lower_function
     from qir.backends.onnx.runtime import make_session, run_session
 
-    path = tmp_path / "tiny.gguf"
-    write_gguf(path, tiny_tensors(np.random.default_rng(3), q_type))
-    m = traced_like(path)
-    keep_gguf_quantization(m, path)
-    tokens = np.array([[1, 5, 7, 95, 0]], np.int64)
-    want = np.asarray(run(m, [tokens])[0])
+    m, tokens, want = kept_tiny_model(tmp_path, q_type)
     lowered = lower_function(m, "prefill")
     ops = [n.op_type for n in lowered.model.graph.node]
     assert ops.count("MatMulNBits") == 4 and "DequantizeLinear" not in ops

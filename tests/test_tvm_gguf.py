@@ -20,12 +20,11 @@ gguf = pytest.importorskip("gguf")
 tvm = pytest.importorskip("tvm")
 
 from test_gguf_blocks import k_blocks  # noqa: E402
-from test_gguf_keep import Q, tiny_tensors, traced_like, write_gguf  # noqa: E402
+from test_gguf_keep import Q, kept_tiny_model  # noqa: E402
 
 from qir.backends.compile import load_artifact  # noqa: E402
 from qir.backends.target import load_target  # noqa: E402
 from qir.backends.tvm.compile import build, compile_tvm  # noqa: E402
-from qir.frontend.gguf_keep import keep_gguf_quantization  # noqa: E402
 from qir.gguf_blocks import decode_blocks  # noqa: E402
 from qir.graph import Module  # noqa: E402
 from qir.interpreter import run  # noqa: E402
@@ -197,12 +196,7 @@ def test_offset_with_zero_point_matches_interpreter() -> None:
 @pytest.mark.parametrize("q_type", [Q.Q4_1, Q.Q8_0, Q.Q4_0])
 def test_kept_tiny_gguf_model_artifact_matches_interpreter(q_type: object, tmp_path: Path) -> None:
     """A tiny llama GGUF (tied Q8_0 table, Q4_0/Q5_1 and ``q_type`` linears) kept as is and compiled."""
-    path = tmp_path / "tiny.gguf"
-    write_gguf(path, tiny_tensors(np.random.default_rng(3), q_type))
-    m = traced_like(path)
-    keep_gguf_quantization(m, path)
-    tokens = np.array([[1, 5, 7, 95, 0]], np.int64)
-    want = np.asarray(run(m, [tokens])[0])
+    m, tokens, want = kept_tiny_model(tmp_path, q_type)
     res = compile_tvm(m, TARGET, tmp_path / "art")
     got = load_artifact(tmp_path / "art").run([tokens], function="prefill")[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
