@@ -10,6 +10,7 @@ import qir.passes.compress_scales  # noqa: F401  (registers compress-scales)
 import qir.passes.fold_scales  # noqa: F401  (registers fold-scales)
 import qir.passes.mixed_precision  # noqa: F401  (registers mixed-precision)
 import qir.passes.outlier_split  # noqa: F401  (registers outlier-split)
+import qir.passes.split_vocab  # noqa: F401  (registers split-vocab)
 import qir.passes.vocab_share  # noqa: F401  (registers vocab-share)
 from qir.passes import calibrate, cleanup, quantize  # noqa: F401  (register dce, cse, ..., calibrate, quantize)
 from qir.passes.base import Pass

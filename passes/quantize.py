@@ -244,6 +244,10 @@ def _table_format(option: str, text: str) -> tuple[int, int | None] | None:
     return int(m.group(1)), None if m.group(2) is None else int(m.group(2))
 
 
+def _is_table_format(text: str) -> bool:
+    return re.fullmatch(r"[iu]?[248](?:g[1-9][0-9]*)?", text) is not None
+
+
 def parse_overrides(text: str) -> list[tuple[str, str]]:
     """``"pat=scheme;pat2=none"`` as ``[(pattern, scheme_or_none), ...]`` (order kept: the last match wins)."""
     rules: list[tuple[str, str]] = []
@@ -256,9 +260,10 @@ def parse_overrides(text: str) -> list[tuple[str, str]]:
         if not eq or not pattern:
             raise QirError(f"quantize: override {item!r} must be PATTERN=SCHEME (e.g. 'lm_head*=none')")
         base = value.removesuffix(PER_TENSOR)
-        if value != "none" and base not in SCHEMES:
+        if value != "none" and base not in SCHEMES and not _is_table_format(value):
             raise QirError(f"quantize: override {item!r} names {value!r}; use one of {', '.join(SCHEMES)} (optionally "
-                           f"with {PER_TENSOR} for one scale per tensor) or none")
+                           f"with {PER_TENSOR} for one scale per tensor), a table format such as i8, i4g32 or u2g32 "
+                           "(embedding tables and heads only), or none")
         rules.append((pattern, value))
     return rules
 
@@ -318,6 +323,12 @@ class Quantize(Pass):
         override = self._override(weight)
         if override == "none":
             return None, "float"
+        if override is not None and _is_table_format(override):
+            if not is_head:
+                raise QirError(f"quantize: the override {override!r} for @{weight} is a table format; it applies to "
+                               f"embedding tables and output heads, and @{weight} is neither: give it a scheme "
+                               f"({', '.join(SCHEMES)})")
+            return self._table(*_table_format("overrides", override)), "float"  # type: ignore[misc]
         if override is None and is_head:
             table = _table_format("head", self.head)
             if table is None:
@@ -335,6 +346,8 @@ class Quantize(Pass):
         override = self._override(weight)
         if override == "none":
             return None
+        if override is not None and _is_table_format(override):
+            return self._table(*_table_format("overrides", override))  # type: ignore[misc]
         if override is not None:
             return self._format(SCHEMES[override.removesuffix(PER_TENSOR)][0], per_row=True,
                                 per_tensor=override.endswith(PER_TENSOR))
