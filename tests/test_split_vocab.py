@@ -41,7 +41,8 @@ def test_property_exact(hot: int, order: str, seed: int) -> None:
     vocab, dim = 48, 8
     src = tied(vocab, dim, seed)
     feeds = zipf_feeds(vocab, seed=seed)
-    out = run_pipeline(src, f"split-vocab{{hot={hot},order={order},min_rows=1}}", context=PassContext(calibration=feeds))
+    out = run_pipeline(src, f"split-vocab{{hot={hot},order={order},min_rows=1}}",
+                       context=PassContext(calibration=feeds))
     qir.verify(out)
     table = src.constant("embed").numpy()
     eff, x, logits = lookup_all(out, vocab, dim)
