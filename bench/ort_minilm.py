@@ -43,17 +43,27 @@ SMALL_PIPELINE = ('mixed-precision{{budget={budget:.4f},candidates="8,4g32,4g64,
                   'clip=mse,windows={windows},sensitivity=output,probe={probe}}}')
 
 
-def _time_round_robin(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median ms of each ``fn`` over ``repeats`` rounds, one call of every fn per round (after one warm-up each):
-    on a loaded machine every system sees the same load, so the ratios of one run are comparable."""
+def _time_round_robin(fns: list[Callable[[], Any]], repeats: int, block: int = 5) -> list[float]:
+    """Median ms of each ``fn`` over ``repeats`` runs, taken in rounds: per round every fn runs one untimed call,
+    then ``block`` timed calls (after one warm-up each). On a loaded machine every system sees the same load, so the
+    ratios of one run are comparable.
+
+    Why blocks and not one call each in turn: an ONNX Runtime (or TVM, or OpenMP) thread pool keeps spinning for a
+    while after its run, on the core the next system needs. One call each in turn charged every system for its
+    predecessor's spinning: the run right after another ORT session was measured 20-40% slow (qir w8a8 at 1.32x
+    ``quantize_dynamic`` in the turn-taking run, 0.98x alone). The untimed call and a short pause absorb it.
+    """
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
+    while len(times[0]) < repeats:
         for i, fn in enumerate(fns):
-            t = time.perf_counter()
+            time.sleep(0.05)
             fn()
-            times[i].append(time.perf_counter() - t)
+            for _ in range(min(block, repeats - len(times[i]))):
+                t = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t)
     return [statistics.median(t) * 1e3 for t in times]
 
 
