@@ -1,7 +1,7 @@
 """The ``mixed-precision`` pass: choose a bit width per weight tensor under a size budget, then quantize.
 
 ``mixed-precision{budget=4.25, candidates="8,4g32,4g128,4", symmetric=true, tables=true, windows=2, report=false,
-rounding=rtn|gptq, clip=minmax|mse, damp=0.01, sensitivity=layer|output, probe=1}``
+rounding=rtn|gptq, clip=minmax|mse, damp=0.01, sink=0, sensitivity=layer|output, probe=1}``
 
 The default candidates leave out 2-bit: on SmolLM2 the combined pipeline
 ``calibrate,vocab-share,mixed-precision{budget=4.25},quantize,fold-scales,dce`` reached ppl 1703 with
@@ -29,10 +29,11 @@ below the all-cheapest size is an error that says the minimum.
 **Rounding** (``rounding``, ``clip``): each candidate is measured with the rounding that will be stored.
 ``clip=mse`` chooses every scale (and zero point) for the least squared error over clipped ranges
 (:func:`qir.quant.choose_params_mse`) instead of the min/max range. ``rounding=gptq`` rounds linear weights with
-GPTQ (:mod:`qir.passes.gptq`, dampening ``damp``) against the full input Hessian ``H = 2/n X^T X`` of the first
-``windows`` calibration feeds, and the sensitivity becomes the exact expected output error of that rounding,
-``s(W, c) = 1/2 tr(dW H dW^T)`` with ``dW = W~_c - W`` (GPTQ moves error into directions the inputs do not excite,
-which the diagonal would not see); tables stay round-to-nearest. The quantized candidates are kept between
+GPTQ (:mod:`qir.passes.gptq`, dampening ``damp``, first positions counted ``sink`` times as in ``quantize``) against
+the full input Hessian ``H = 2/n X^T X`` of the first ``windows`` calibration feeds, and the sensitivity becomes
+the exact expected output error of that rounding, ``s(W, c) = 1/2 tr(dW H dW^T)`` with ``dW = W~_c - W`` (GPTQ
+moves error into directions the inputs do not excite, which the diagonal would not see); tables stay
+round-to-nearest. The quantized candidates are kept between
 :meth:`MixedPrecision.measure` and :meth:`MixedPrecision.assign` (GPTQ runs once per tensor and candidate). On
 all-MiniLM-L6-v2 (``bench/ort_minilm.py --small``) ``rounding=gptq,clip=mse`` is what lifts 4-bit linears from
 cosine 0.90 towards 0.95.
@@ -85,7 +86,7 @@ from qir.errors import QirError
 from qir.graph import Constant, Function, Module, Op, Value
 from qir.passes.base import Pass
 from qir.passes.calibrate import calibration_function
-from qir.passes.gptq import HessianAccumulator, gptq_quantize
+from qir.passes.gptq import HessianAccumulator, gptq_quantize, sink_weight
 from qir.passes.registry import register_pass
 from qir.quantspec import QuantSpec
 from qir.types import TensorType
@@ -238,6 +239,7 @@ class MixedPrecision(Pass):
     rounding: Literal["rtn", "gptq"] = "rtn"
     clip: Literal["minmax", "mse"] = "minmax"
     damp: float = 0.01
+    sink: float = 0.0
     sensitivity: Literal["layer", "output"] = "layer"
     probe: int = 1
 
@@ -383,6 +385,7 @@ class MixedPrecision(Pass):
         """``E[x_k^2]`` per linear input (by value id), token frequencies per table and, with ``rounding=gptq``,
         the Hessian ``2/n X^T X`` per linear input, from the calibration feeds."""
         func = calibration_function(module, self.context.function)
+        sink = sink_weight(module, self.sink, "mixed-precision")
         feeds = list(self.context.batches("mixed-precision (sensitivities)"))[: max(self.windows, 1)]
         watch: dict[int, Value] = {}
         ids_of: dict[str, set[str]] = {}
@@ -412,7 +415,7 @@ class MixedPrecision(Pass):
             sums[id(value)] = sums.get(id(value), 0) + x2.sum(axis=0)
             counts[id(value)] = counts.get(id(value), 0) + x2.shape[0]
             if id(value) in accs:
-                accs[id(value)].add(x)
+                accs[id(value)].add(x, first_weight=sink)
 
         from qir.interpreter import Interpreter
 

@@ -1,7 +1,8 @@
 """The ``quantize`` pass: ``linear`` and ``embedding`` ops on constant weights become ``qmatmul`` / ``qembedding``.
 
 ``quantize{scheme=w8a8|w8a16|w4a16|w4a8, act=dynamic|static, group=0, symmetric=true, zero=int|float,
-rounding=rtn|gptq, embedding=i8, head=i8, overrides="", damp=0.01, block=128, keep_calib=false}``
+rounding=rtn|gptq, embedding=i8, head=i8, overrides="", damp=0.01, block=128, sink=0, act_order=false,
+keep_calib=false}``
 
 Schemes (weights ``[N, K]``; ``group=0``: one scale per output row, ``axis=0``; ``group=g``: one scale
 per ``g`` input columns, ``axis=1, group=g`` -- when ``g`` does not divide ``K`` the last group is
@@ -53,7 +54,13 @@ weight tensor (literal parameters in the type, always rounded to nearest): the c
 
 ``rounding=gptq`` quantizes each linear weight with GPTQ (:mod:`qir.passes.gptq`): the calibration
 feeds of ``PassContext`` run through the float function once to accumulate ``H = 2 X^T X`` per distinct
-input (float64, ``K x K``); ``damp`` and ``block`` are GPTQ's dampening fraction and block size. Tied
+input (float64, ``K x K``); ``damp`` and ``block`` are GPTQ's dampening fraction and block size. ``sink``: the
+first position of every calibration sequence (an LLM's attention sink) counts ``sink`` times in ``H``; ``sink=0``
+(default) is :data:`qir.passes.gptq.SINK_WEIGHT` for a causal LM (a module with a ``decode`` function) and 1
+otherwise (that constant's docstring says why; ``sink=1`` is plain GPTQ). ``act_order=true`` quantizes the columns
+in order of decreasing ``H`` diagonal (the loudest inputs first, while later columns can still absorb their error),
+with *static* groups: each group's scale and zero point are chosen from the original weights up front, so the
+stored layout is unchanged. Tied
 embedding/head tables are rounded to nearest (the lookup reads them too). ``rounding=rtn`` rounds to
 nearest with min/max scales (:func:`qir.quant.choose_params`).
 
@@ -105,7 +112,7 @@ from qir.errors import QirError
 from qir.graph import Function, Module, Op, Value
 from qir.passes.base import Pass
 from qir.passes.calibrate import calibration_function, calibration_stats, remove_calibration
-from qir.passes.gptq import HessianAccumulator, gptq_quantize, rtn_quantize
+from qir.passes.gptq import HessianAccumulator, gptq_quantize, rtn_quantize, sink_weight
 from qir.passes.registry import register_pass
 from qir.quantspec import QuantSpec
 from qir.types import TensorType
@@ -295,6 +302,8 @@ class Quantize(Pass):
     overrides: str = ""
     damp: float = 0.01
     block: int = 128
+    sink: float = 0.0
+    act_order: bool = False
     keep_calib: bool = False
 
     def __post_init__(self) -> None:
@@ -367,6 +376,7 @@ class Quantize(Pass):
     def run(self, module: Module) -> None:
         if self.group < 0:
             raise QirError(f"quantize: group must be >= 0 (0 = per output channel), got {self.group}")
+        self._sink = sink_weight(module, self.sink, "quantize")
         if self.zero == "float" and self.group == 0:
             raise QirError("quantize: zero=float stores one float minimum per group of inputs; give a group size "
                            "(e.g. group=32), or use zero=int for one zero point per output row")
@@ -505,7 +515,7 @@ class Quantize(Pass):
         def observe(value: Value, data: object) -> None:
             acc = accs.get(id(value))
             if acc is not None:
-                acc.add(np.asarray(data))
+                acc.add(np.asarray(data), first_weight=self._sink)
 
         from qir.interpreter import Interpreter
 
@@ -551,7 +561,8 @@ class Quantize(Pass):
             try:
                 if hessian is not None:
                     codes, scale, zp = gptq_quantize(w, hessian, d, group=fmt.group, symmetric=fmt.symmetric,
-                                                     damp=self.damp, block=self.block, minimum=fmt.minimum)
+                                                     damp=self.damp, block=self.block, minimum=fmt.minimum,
+                                                     act_order=self.act_order)
                 else:
                     codes, scale, zp = rtn_quantize(w, d, group=fmt.group, symmetric=fmt.symmetric,
                                                     minimum=fmt.minimum)

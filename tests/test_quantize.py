@@ -270,6 +270,45 @@ def test_gptq_beats_rtn_on_correlated_inputs(group: int | None, symmetric: bool)
     assert mse_gptq < 0.8 * mse_rtn
 
 
+def test_gptq_act_order_uses_static_groups_and_beats_rtn() -> None:
+    x = _correlated(5)
+    x[:, 7] *= 20.0  # one loud input: act-order quantizes it first, while there is still room to compensate
+    w = np.random.default_rng(6).standard_normal((32, 64)).astype(np.float32)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    h = acc.hessian()
+    codes, scale, zp = gptq_quantize(w, h, "u4", group=16, symmetric=False, act_order=True)
+    # static groups: every group's parameters are round-to-nearest's, from the original weights
+    _, rtn_scale, rtn_zp = rtn_quantize(w, "u4", group=16, symmetric=False)
+    np.testing.assert_array_equal(scale, rtn_scale)
+    np.testing.assert_array_equal(zp, rtn_zp)
+    s, z = np.repeat(scale, 16, axis=1), np.repeat(zp, 16, axis=1)
+    ref = x @ w.T
+
+    def err(c: np.ndarray) -> float:
+        return float(np.mean((x @ ((c.astype(np.float32) - z) * s).T - ref) ** 2))
+
+    rtn_codes = rtn_quantize(w, "u4", group=16, symmetric=False)[0]
+    assert err(codes) < 0.8 * err(rtn_codes)
+
+
+def test_hessian_first_position_weight_and_sink_option() -> None:
+    from qir.passes.gptq import SINK_WEIGHT, sink_weight
+
+    x = np.random.default_rng(8).standard_normal((2, 5, 4))
+    acc = HessianAccumulator(4)
+    acc.add(x, first_weight=9.0)
+    first = x[:, 0].reshape(-1, 4)
+    want = 2 * (x.reshape(-1, 4).T @ x.reshape(-1, 4) + 8.0 * first.T @ first) / 10  # rows counted once
+    np.testing.assert_allclose(acc.hessian(), want, rtol=1e-12)
+    lm = tiny_lm()
+    assert "decode" not in lm.functions and sink_weight(lm, 0, "quantize") == 1.0
+    lm.add_function("decode")
+    assert sink_weight(lm, 0, "quantize") == SINK_WEIGHT and sink_weight(lm, 3, "quantize") == 3.0
+    with pytest.raises(QirError, match="sink must be 0 \\(automatic\\) or >= 1"):
+        sink_weight(lm, 0.5, "quantize")
+
+
 def test_gptq_through_the_pass_beats_rtn() -> None:
     rng = np.random.default_rng(2)
     m = Module("lin")
