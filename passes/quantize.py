@@ -1,7 +1,7 @@
 """The ``quantize`` pass: ``linear`` and ``embedding`` ops on constant weights become ``qmatmul`` / ``qembedding``.
 
 ``quantize{scheme=w8a8|w8a16|w4a16|w4a8, act=dynamic|static, group=0, symmetric=true, zero=int|float,
-rounding=rtn|gptq, embedding=i8, head=i8, overrides="", damp=0.01, block=128, sink=0, act_order=false,
+rounding=rtn|gptq, embedding=i8, head=i8, overrides="", damp=0.01, block=128, sink=0, act_order=true,
 keep_calib=false}``
 
 Schemes (weights ``[N, K]``; ``group=0``: one scale per output row, ``axis=0``; ``group=g``: one scale
@@ -57,10 +57,10 @@ feeds of ``PassContext`` run through the float function once to accumulate ``H =
 input (float64, ``K x K``); ``damp`` and ``block`` are GPTQ's dampening fraction and block size. ``sink``: the
 first position of every calibration sequence (an LLM's attention sink) counts ``sink`` times in ``H``; ``sink=0``
 (default) is :data:`qir.passes.gptq.SINK_WEIGHT` for a causal LM (a module with a ``decode`` function) and 1
-otherwise (that constant's docstring says why; ``sink=1`` is plain GPTQ). ``act_order=true`` quantizes the columns
-in order of decreasing ``H`` diagonal (the loudest inputs first, while later columns can still absorb their error),
-with *static* groups: each group's scale and zero point are chosen from the original weights up front, so the
-stored layout is unchanged. Tied
+otherwise (that constant's docstring says why; ``sink=1`` is plain GPTQ). ``act_order=true`` (default) quantizes
+the columns in order of decreasing ``H`` diagonal (the loudest inputs first, while later columns can still absorb
+their error), with *static* groups: each group's scale and zero point are chosen from the original weights up
+front, so the stored layout is unchanged (on SmolLM2 w4a16 g128: ppl 27.78 without, 26.85 with). Tied
 embedding/head tables are rounded to nearest (the lookup reads them too). ``rounding=rtn`` rounds to
 nearest with min/max scales (:func:`qir.quant.choose_params`).
 
@@ -303,7 +303,7 @@ class Quantize(Pass):
     damp: float = 0.01
     block: int = 128
     sink: float = 0.0
-    act_order: bool = False
+    act_order: bool = True
     keep_calib: bool = False
 
     def __post_init__(self) -> None:

@@ -87,15 +87,15 @@ def test_table_format_override_rejected_for_plain_weights() -> None:
         run_pipeline(tiny_lm(), 'quantize{scheme=w8a16,overrides="*=i3g32"}')
 
 
-@pytest.mark.parametrize("order", ["id", "calib"])
-def test_lowers_on_onnx_runtime(order: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target, order", [("ort-cpu", "id"), ("ort-cpu", "calib"), ("tvm-llvm", "calib")])
+def test_lowers_on_backends(target: str, order: str, tmp_path: Path) -> None:
     from qir.backends.compile import compile_module, load_artifact
 
     vocab, dim = 64, 32
     src = tied(vocab, dim)
     out = run_pipeline(src, f'split-vocab{{hot=16,order={order},min_rows=1}},quantize{{scheme=w8a16,'
                             f'overrides="*.hot=i8;*.cold=i4"}}', context=PassContext(calibration=zipf_feeds(vocab)))
-    compile_module(out, "ort-cpu", tmp_path / "a")
+    compile_module(out, target, tmp_path / "a")
     art = load_artifact(tmp_path / "a")
     ids = np.array([[0, 15, 16, 63, 7, 40]], dtype=np.int64)
     x = np.random.default_rng(3).standard_normal((1, 6, dim)).astype(np.float32)
