@@ -11,7 +11,7 @@ MPL-2.0, GFDL-1.3, Artistic, CC0-1.0, BSD, MPL-1.1: ~23,000 tokens, 45 windows o
 none of them the evaluation text or one that quotes it (the LGPL texts would). The calibration *timing / memory*
 measurement asks for ``--calib-windows`` windows (default 32 x 512 tokens; the text repeats if it is short); the
 statistics used by the static and smoothed schemes come from that run. GPTQ uses the first ``--gptq-windows``
-distinct windows (default 16).
+distinct windows (default 32, as `qir quantize --calib-windows`).
 
     python bench/quantize_smollm2.py                     # every scheme, 8 evaluation windows
     python bench/quantize_smollm2.py --eval-windows 2 --schemes w8a16,w4a16-g128-rtn
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--gptq-windows", type=int, default=16)
+    ap.add_argument("--gptq-windows", type=int, default=32)
     ap.add_argument("--calib-text", action="append", type=Path, metavar="FILE",
                     help="calibration text (repeatable; default: Debian's non-GPL licence texts)")
     ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of " + ", ".join(SCHEMES))
