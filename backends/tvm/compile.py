@@ -170,6 +170,13 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
         t0 = time.perf_counter()
         _export(built, tmp / LIBRARY, cc)
         built.seconds["export"] = time.perf_counter() - t0
+        cuda = None
+        if built.target.kind.name == "cuda":  # TVM leaves the kernels as source: nvcc compiles them for the arch
+            from qir.backends.tvm.cuda_nvcc import compile_cubin, cuda_source
+
+            arch = str(built.target.attrs["arch"])
+            cuda = compile_cubin(cuda_source(built.executable), arch, tmp / f"kernels.{arch}.cubin")
+            built.seconds["nvcc"] = cuda["nvcc_seconds"]
         _save_params(built.lowered.params, tmp / PARAMS)
         # What `qir debug compare` needs to rebuild this Relax module with intermediates as outputs (small).
         from qir.backends.tvm.debug_build import write_debug_inputs
@@ -198,7 +205,8 @@ def compile_tvm(module: Module, target: Target, out_dir: str | os.PathLike[str],
             "folded_params": dict(sorted(lw.folded.items())),
             "kernels": dict(sorted(lw.kernels.items())),
             "compile_seconds": {k: round(v, 2) for k, v in built.seconds.items()},
-            "tvm_target": str(built.target.kind.name), "debug": debug, **(meta or {}),
+            "tvm_target": str(built.target.kind.name), "debug": debug, **({"cuda": cuda} if cuda else {}),
+            **(meta or {}),
         }
         (tmp / "target.json").write_text(json.dumps(tgt_json, indent=2, default=str) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -20,6 +20,7 @@ from tvm import tirx
 from qir.backends.tvm.kernels.common import Dim
 
 MR = 4  # rows of A per tile
+W_STATIONARY = True  # tile order: see qmatmul_vnni
 NT = 4  # vectors along N per tile: 16 accumulators + A broadcasts + W loads fit 32 zmm / 32 NEON registers
 
 # isa: (int32 lanes, LLVM intrinsic, signedness the instruction wants for A)
@@ -84,6 +85,13 @@ def qmatmul_vnni(M: Dim, N: int, K: int, *, a_dtype: str, a_scale: str, a_zero_p
     nbp = -(-nb // NT) * NT
     ntb = nbp // NT
     kb = K // 4
+    nrb = f"(({m} + {mr - 1}) // {mr})"
+    if W_STATIONARY:
+        # Consecutive tiles (one thread's run of t) walk down the rows under ONE weight panel, so the panel
+        # (64 columns x K bytes: 24 KB at K=384) stays in L1 and only the small A blocks stream from L2.
+        rb, cb = f"t % {nrb}", f"t // {nrb}"
+    else:
+        rb, cb = f"t // {ntb}", f"t % {ntb}"
     shift = 0 if a_dtype == want else 128 if want == "uint8" else -128  # A' - A
     c = shift + int(a_zero_point)
     L = lanes  # noqa: N806 (short, for the template)
@@ -106,14 +114,14 @@ def qmatmul_vnni(M: Dim, N: int, K: int, *, a_dtype: str, a_scale: str, a_zero_p
         pack = _PACK.format(nbp=nbp, nbpl=nbp * L, L=L, kb=kb, N=N, N1=N - 1)
     if N % (NT * L) == 0:
         # Whole tiles only: the epilogue is vectorized (no per-column bound check).
-        nn = f"t % {ntb} * {NT * L} + cc"
+        nn = f"{cb} * {NT * L} + cc"
         comp_v, bias_v = comp.replace("[n]", f"[{nn}]"), bias_add.replace("[n]", f"[{nn}]")
         epilogue = (f"                for cc in T.vectorized({NT * L}):\n"
                     f"                    Y[row, {nn}] = T.Cast(\"float32\", acc[mi, cc]{comp_v})"
                     f" * (AS[{as_row}] * WS[{nn}]){bias_v}\n")
     else:
         epilogue = (f"                for cc in range({NT * L}):\n"
-                    f"                    n = t % {ntb} * {NT * L} + cc\n"
+                    f"                    n = {cb} * {NT * L} + cc\n"
                     f"                    if n < {N}:\n"
                     f"                        Y[row, n] = T.Cast(\"float32\", acc[mi, cc]{comp})"
                     f" * (AS[{as_row}] * WS[n]){bias_add}\n")
@@ -126,7 +134,7 @@ def main(a: T.handle, {w_params}, a_s: T.handle, w_s: T.handle, {bias_param}y: T
     WS = T.match_buffer(w_s, ({N},), "float32")
 {bias_buf}    Y = T.match_buffer(y, ({m}, {N}), "float32")
 {pack}
-    for t in T.parallel(({m} + {mr - 1}) // {mr} * {ntb}):
+    for t in T.parallel({nrb} * {ntb}):
         acc = T.alloc_buffer(({mr}, {NT * L}), "int32", scope="local")
         for mi in T.unroll({mr}):
             for cc in T.vectorized({NT * L}):
@@ -138,12 +146,12 @@ def main(a: T.handle, {w_params}, a_s: T.handle, w_s: T.handle, {bias_param}y: T
                         T.llvm_lookup_intrinsic_id("{intrin}"),
                         acc.vload([mi, nt * {L}], "int32x{L}"),
                         T.reinterpret(T.broadcast(T.reinterpret(
-                            A.vload([T.min(t // {ntb} * {mr} + mi, {m} - 1), q * 4], "{a_dtype}x4"),
+                            A.vload([T.min({rb} * {mr} + mi, {m} - 1), q * 4], "{a_dtype}x4"),
                             dtype="int32"){xor}, {L}), dtype="int8x{4 * L}"),
-                        Wp.vload([t % {ntb} * {NT} + nt, q, 0, 0], "int8x{4 * L}"),
+                        Wp.vload([{cb} * {NT} + nt, q, 0, 0], "int8x{4 * L}"),
                         dtype="int32x{L}")
         for mi in range({mr}):
-            row = t // {ntb} * {mr} + mi
+            row = {rb} * {mr} + mi
             if row < {m}:
 {epilogue}'''
     func = tvm.script.from_source(src)
