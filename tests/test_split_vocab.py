@@ -121,3 +121,25 @@ def test_left_alone_and_errors() -> None:
     f.add_op("relu", [src.constant("embed")], names=["r"])
     with pytest.raises(PassFailedError, match="also read by relu %r"):
         run_pipeline(src, "split-vocab{hot=8,order=id,min_rows=1}")
+
+
+def test_onnx_lookup_reads_the_heads_4bit_blob(tmp_path: Path) -> None:
+    """A tied 4-bit grouped part is stored once on ort-cpu: the lookup gathers from the head's MatMulNBits bytes."""
+    import onnx
+
+    from qir.backends.compile import compile_module, load_artifact
+
+    vocab, dim = 64, 64
+    src = tied(vocab, dim)
+    out = run_pipeline(src, 'split-vocab{hot=16,min_rows=1},quantize{scheme=w4a16,group=32,zero=float,'
+                            'overrides="*.hot=i8;*.cold=i4g32"},compress-scales',
+                       context=PassContext(calibration=zipf_feeds(vocab)))
+    compile_module(out, "ort-cpu", tmp_path / "a")
+    names = [t.name for t in onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph.initializer]
+    assert any(n.startswith("embed.cold::nbits") for n in names)
+    assert not any("packed" in n for n in names), names  # no second copy of the codes
+    ids = np.arange(vocab, dtype=np.int64)[None]
+    x = np.random.default_rng(5).standard_normal((1, vocab, dim)).astype(np.float32)
+    got = load_artifact(tmp_path / "a").run([ids, x])
+    for g, w in zip(got, qir.run(out, {"ids": ids, "x": x})):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

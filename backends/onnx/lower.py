@@ -1333,6 +1333,12 @@ class _Lowerer:
         per = 8 // bits
         v, d = (int(x) for x in t.shape)
         dp = -(-d // per) * per
+        if table.name not in self.tname and self.head_nbits_4(table):
+            # A tied 4-bit table whose head is a MatMulNBits: its blob ``[V, nb, g/2]`` holds exactly these bytes
+            # (``code - qmin`` = the blob's unsigned code, low nibble first, no padding as g divides D): the lookup
+            # reads the head's bytes instead of a second copy of the table.
+            blob = self.nbits_blob(table)
+            self.tname[table.name] = self.node("Reshape", [blob.codes, self.i64([v, d // 2])], hint=f"{h}::rows")
         if table.name not in self.tname:
             codes = np.asarray(self.module.constant(table.name).numpy()).astype(np.int32) - t.dtype.qmin
             padded = np.zeros((v, dp), np.uint8)
@@ -1420,6 +1426,14 @@ class _Lowerer:
             y = self.node("Cast", [y], h, to=onnx_dtype(out_dt))
         self.set(op, y)
 
+
+    def head_nbits_4(self, table: Value) -> bool:
+        """A tied 4-bit per-group table (groups dividing the row) whose head lowers to MatMulNBits here."""
+        g = self.nbits_group(table)
+        if table.type.dtype.bits != 4 or g is None or int(table.type.shape[1]) % g:
+            return False
+        return any(op.opcode == "qmatmul" and i == 1 and op.parent is self.func and op.operands[0].type.quant is None
+                   and op.result.name not in self.opts.fallback_float for op, i in table.uses)
 
     def shares_nbits(self, table: Value) -> bool:
         """A tied 8-bit per-group table whose head lowers to MatMulNBits: gather from the same bytes."""
