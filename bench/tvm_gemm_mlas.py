@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 
@@ -38,6 +35,7 @@ os.environ["TVM_NUM_THREADS"] = str(THREADS)
 
 import numpy as np  # noqa: E402
 import tvm  # noqa: E402
+from timing import kernel_ms  # noqa: E402  (bench/: this script's folder)
 
 from qir.backends.tvm.kernels import qmatmul_i8  # noqa: E402
 from qir.backends.tvm.kernels.cpu_features import features_of  # noqa: E402
@@ -46,17 +44,6 @@ from qir.backends.tvm.kernels.qmatmul_vnni import pack_weight  # noqa: E402
 
 # MiniLM-L6 (hidden 384, 1536 MLP): Q/K/V fused (N=1152), output projection, MLP up, MLP down.
 SHAPES = [(1024, 1152, 384), (1024, 384, 384), (1024, 1536, 384), (1024, 384, 1536)]
-
-
-def _time_ms(repeats: int, median: bool, fn: Callable[..., Any], *args: Any) -> float:
-    fn(*args)
-    fn(*args)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t)
-    return (statistics.median(times) if median else min(times)) * 1e3
 
 
 def _ort_session(node: Any, inputs: list[Any], inits: list[Any], out_type: int, n: int) -> Any:
@@ -113,16 +100,16 @@ def bench(target: tvm.target.Target, repeats: int, median: bool) -> list[dict[st
             fn = qmatmul_i8(m, n, k, target)
             args = [tvm.runtime.tensor(a) for a in (xq, wq, xs, ws)]
         lib = tvm.compile(tvm.IRModule({"main": fn}), target=target)["main"]
-        t_qir = _time_ms(repeats, median, lib, *args, y)
+        t_qir = kernel_ms(repeats, median, lib, *args, y)
         # Exactness check of the two GEMMs against each other (int32 sums, then our f32 epilogue).
         mi = _mlas_matmulinteger(wq)
         au8 = (xq.astype(np.int16) + 128).astype(np.uint8)
         (acc,) = mi.run(None, {"a": au8})
         ref = acc.astype(np.float32) * (xs[:, None] * ws[None, :])
         err = float(np.abs(y.numpy() - ref).max() / np.abs(ref).max())
-        t_mi = _time_ms(repeats, median, mi.run, None, {"a": au8})
+        t_mi = kernel_ms(repeats, median, mi.run, None, {"a": au8})
         dq = _mlas_dynq(wq, ws)
-        t_dq = _time_ms(repeats, median, dq.run, None, {"x": x})
+        t_dq = kernel_ms(repeats, median, dq.run, None, {"x": x})
         rows.append({"shape": f"{m}x{n}x{k}", "qir_ms": t_qir, "mlas_matmulinteger_ms": t_mi, "mlas_dynq_ms": t_dq,
                      "qir_gops": gop / t_qir * 1e3, "mlas_matmulinteger_gops": gop / t_mi * 1e3,
                      "mlas_dynq_gops": gop / t_dq * 1e3, "qir_vs_mlas": t_qir / t_mi, "max_rel_err": err})

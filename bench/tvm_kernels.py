@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ os.environ["TVM_NUM_THREADS"] = str(THREADS)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import tvm  # noqa: E402
+from timing import kernel_ms  # noqa: E402  (bench/: this script's folder)
 
 from qir.backends.tvm.kernels import matmul_f32, qmatmul_i8, wmatmul  # noqa: E402
 from qir.safetensors_io import pack  # noqa: E402
@@ -53,16 +52,7 @@ DECODE = [(1, 576, 576), (1, 1536, 576), (1, 49152, 576), (1, 576, 1536)]
 
 
 def _median_ms(repeats: int, fn: Callable[..., Any], *args: Any) -> float:
-    fn(*args)
-    fn(*args)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t)
-    # The minimum, not the median: on a shared 2-core machine a 2-thread kernel stalls whenever either
-    # thread is descheduled, and the median then measures the neighbours. (Pass --median to compare.)
-    return (statistics.median(times) if USE_MEDIAN else min(times)) * 1e3
+    return kernel_ms(repeats, USE_MEDIAN, fn, *args)
 
 
 def _build(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> Callable[..., None]:

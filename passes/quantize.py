@@ -134,6 +134,9 @@ SCHEMES: dict[str, tuple[int, bool]] = {
     "w2a16": (2, False),  # overrides only (the `scheme` option keeps the four above)
 }
 
+#: A table format (``embedding=`` / ``head=`` / a table's override): bits per code, optionally ``g<group>``.
+TABLE_FORMAT = re.compile(r"[iu]?([248])(?:g([1-9][0-9]*))?")
+
 #: Suffix of an override value that asks for one scale per weight tensor (``w2a16:tensor``).
 PER_TENSOR = ":tensor"
 
@@ -244,7 +247,7 @@ def _table_format(option: str, text: str) -> tuple[int, int | None] | None:
     """``embedding=`` / ``head=``: ``none``, ``i8``/``i4``/``i2`` per row, or ``i4g32`` in groups of 32 inputs."""
     if text == "none":
         return None
-    m = re.fullmatch(r"[iu]?([248])(?:g([1-9][0-9]*))?", text)
+    m = TABLE_FORMAT.fullmatch(text)
     if m is None:
         raise QirError(f"quantize: {option}={text!r}; use none, i8, i4 or i2 (one scale per row) or a group size "
                        "suffix such as i4g32 (one scale per 32 columns)")
@@ -252,7 +255,7 @@ def _table_format(option: str, text: str) -> tuple[int, int | None] | None:
 
 
 def _is_table_format(text: str) -> bool:
-    return re.fullmatch(r"[iu]?[248](?:g[1-9][0-9]*)?", text) is not None
+    return TABLE_FORMAT.fullmatch(text) is not None
 
 
 def parse_overrides(text: str) -> list[tuple[str, str]]:

@@ -77,7 +77,7 @@ from qir.errors import QirError
 from qir.graph import Constant, Function, Module, Op, Value
 from qir.passes.base import Pass
 from qir.passes.registry import register_pass
-from qir.passes.vocab_share import token_counts
+from qir.passes.tables import calibration_token_counts, float_tables, table_readers
 
 __all__ = ["SplitVocab", "hot_tokens"]
 
@@ -103,13 +103,7 @@ class SplitVocab(Pass):
     def run(self, module: Module) -> None:
         if self.hot < 1:
             raise QirError(f"split-vocab: hot must be >= 1 (rows kept in the frequent part), got {self.hot}")
-        tables: dict[str, list[tuple[Function, Op]]] = {}
-        for func in module.functions.values():
-            for op in func.find_ops("embedding"):
-                t = op.operands[0]
-                if t.is_constant and t.type.quant is None and t.type.dtype.is_float:
-                    tables.setdefault(t.name, []).append((func, op))
-        for tname, lookups in tables.items():
+        for tname, lookups in float_tables(module).items():
             self._split(module, tname, lookups)
 
     def _split(self, module: Module, tname: str, lookups: list[tuple[Function, Op]]) -> None:
@@ -123,20 +117,16 @@ class SplitVocab(Pass):
         if not const.has_data:
             raise QirError(f"split-vocab: table @{tname} has no data (read without its .safetensors file); load the "
                            "module with qir.load")
-        heads: list[tuple[Function, Op]] = []
-        others: list[str] = []
-        for op, index in list(const.uses):
-            if op.opcode == "embedding" and index == 0:
-                continue
-            if op.opcode == "linear" and len(op.operands) == 2 and index == 1:
-                heads.append((op.parent, op))
-            else:
-                others.append(f"{op.opcode} %{op.results[0].name} in @{op.parent.name}")
+        heads, others = table_readers(const)
         if others:
             raise QirError(f"split-vocab: @{tname} is also read by {', '.join(others)}; only embedding lookups and a "
                            "bias-free linear head can be rewritten onto the split table")
 
-        counts = self._counts(lookups, vocab) if self.order == "calib" else None
+        counts = None
+        if self.order == "calib":
+            counts = calibration_token_counts(
+                self.context, lookups, vocab, owner="split-vocab", hint=", or use order=id",
+                purpose="split-vocab{order=calib} (token frequencies; order=id needs none)")
         hot = hot_tokens(counts, vocab, self.hot)
         is_hot = np.zeros(vocab, dtype=bool)
         is_hot[hot] = True
@@ -172,16 +162,6 @@ class SplitVocab(Pass):
             self._rewrite_head(func, op, hot_c, cold_c, slot)
         if not const.uses and not module.spec_references().get(tname):
             module.remove_constant(tname)
-
-    def _counts(self, lookups: list[tuple[Function, Op]], vocab: int) -> np.ndarray:
-        names = {op.operands[1].name for _, op in lookups if not op.operands[1].is_constant}
-        feeds = list(self.context.batches("split-vocab{order=calib} (token frequencies; order=id needs none)"))
-        counts = token_counts(feeds, names, vocab)
-        if not counts.any():
-            raise QirError(f"split-vocab: the calibration feeds have no ids for the lookup inputs "
-                           f"{', '.join('%' + n for n in sorted(names))}; give feeds of the function with the lookup, "
-                           "or use order=id")
-        return counts
 
     @staticmethod
     def _rewrite_lookup(func: Function, op: Op, hot: Value, cold: Value, slot: Value | None, bounds: object) -> None:

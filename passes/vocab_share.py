@@ -64,6 +64,7 @@ from qir.errors import QirError
 from qir.graph import Function, Module, Op, Value
 from qir.passes.base import Pass
 from qir.passes.registry import register_pass
+from qir.passes.tables import calibration_token_counts, float_tables, table_readers, token_counts
 from qir.quantspec import QuantSpec
 from qir.types import TensorType
 
@@ -123,18 +124,6 @@ def residual_quantize(resid: np.ndarray, bits: int, *, steps: int = 16) -> tuple
     return codes, best_scale
 
 
-def token_counts(feeds: list[dict[str, np.ndarray]], names: set[str], vocab: int) -> np.ndarray:
-    """How often each id in ``[0, vocab)`` occurs in the feeds' inputs named ``names``."""
-    counts = np.zeros(vocab, dtype=np.int64)
-    for feed in feeds:
-        for name in names:
-            if name in feed:
-                ids = np.asarray(feed[name]).reshape(-1).astype(np.int64)
-                ids = ids[(ids >= 0) & (ids < vocab)]
-                counts += np.bincount(ids, minlength=vocab)
-    return counts
-
-
 @register_pass
 @dataclass
 class VocabShare(Pass):
@@ -155,13 +144,7 @@ class VocabShare(Pass):
                            f"keep={self.keep}")
         if self.residual_bits not in (0, 2, 4, 8):
             raise QirError(f"vocab-share: residual_bits must be 0 (no residual), 2, 4 or 8, got {self.residual_bits}")
-        tables: dict[str, list[tuple[Function, Op]]] = {}
-        for func in module.functions.values():
-            for op in func.find_ops("embedding"):
-                t = op.operands[0]
-                if t.is_constant and t.type.quant is None and t.type.dtype.is_float:
-                    tables.setdefault(t.name, []).append((func, op))
-        for tname, lookups in tables.items():
+        for tname, lookups in float_tables(module).items():
             self._share(module, tname, lookups)
 
     # -- one table ----------------------------------------------------------------------------------------------
@@ -177,15 +160,7 @@ class VocabShare(Pass):
             raise QirError(f"vocab-share: table @{tname} has no data (read without its .safetensors file); load the "
                            "module with qir.load")
         table = np.asarray(const.numpy(), dtype=np.float32)
-        heads: list[tuple[Function, Op]] = []
-        others: list[str] = []
-        for op, index in list(const.uses):
-            if op.opcode == "embedding" and index == 0:
-                continue
-            if op.opcode == "linear" and len(op.operands) == 2 and index == 1:
-                heads.append((op.parent, op))
-            else:
-                others.append(f"{op.opcode} %{op.results[0].name}")
+        heads, others = table_readers(const)
         if others and self.head == "shared":
             raise QirError(f"vocab-share: @{tname} is also read by {', '.join(others)}; only embedding lookups and a "
                            "bias-free linear head can be rewritten (use head=separate to keep the table for them)")
@@ -222,12 +197,8 @@ class VocabShare(Pass):
     def _kept_tokens(self, lookups: list[tuple[Function, Op]], vocab: int) -> np.ndarray:
         if self.keep == 0:
             return np.zeros(0, dtype=np.int64)
-        names = {op.operands[1].name for _, op in lookups if not op.operands[1].is_constant}
-        feeds = list(self.context.batches("vocab-share{keep>0} (token frequencies)"))
-        counts = token_counts(feeds, names, vocab)
-        if not counts.any():
-            raise QirError(f"vocab-share: the calibration feeds have no ids for the lookup inputs "
-                           f"{', '.join('%' + n for n in sorted(names))}; give feeds of the function with the lookup")
+        counts = calibration_token_counts(self.context, lookups, vocab, owner="vocab-share",
+                                          purpose="vocab-share{keep>0} (token frequencies)")
         # most frequent first, ties by id; stable so the choice is deterministic
         order = np.argsort(-counts, kind="stable")[: self.keep]
         return np.sort(order)

@@ -13,7 +13,7 @@ from test_vocab_share import GOLDEN_FEEDS, lookup_all, tied, zipf_feeds
 import qir
 from qir.passes import PassContext, PassFailedError, run_pipeline
 from qir.passes.split_vocab import hot_tokens
-from qir.passes.vocab_share import token_counts
+from qir.passes.tables import token_counts
 from qir.printer import print_module
 
 GOLDEN = Path(__file__).parent / "golden" / "passes"

@@ -1333,7 +1333,7 @@ class _Lowerer:
         per = 8 // bits
         v, d = (int(x) for x in t.shape)
         dp = -(-d // per) * per
-        if table.name not in self.tname and self.head_nbits_4(table):
+        if table.name not in self.tname and self.tied_nbits(table, 4):
             # A tied 4-bit table whose head is a MatMulNBits: its blob ``[V, nb, g/2]`` holds exactly these bytes
             # (``code - qmin`` = the blob's unsigned code, low nibble first, no padding as g divides D): the lookup
             # reads the head's bytes instead of a second copy of the table.
@@ -1381,7 +1381,7 @@ class _Lowerer:
             self.fallbacks.append(f"qembedding %{h} (table @{table.name} {t}) kept in f16")
             self.set(op, self.node("Cast", [rows], h, to=onnx_dtype(op.result.type.dtype)))
             return
-        if self.shares_nbits(table):
+        if self.tied_nbits(table, 8):
             self.set(op, self.embedding_from_nbits(op, h))
             return
         if t.dtype.bits == 8:
@@ -1427,18 +1427,11 @@ class _Lowerer:
         self.set(op, y)
 
 
-    def head_nbits_4(self, table: Value) -> bool:
-        """A tied 4-bit per-group table (groups dividing the row) whose head lowers to MatMulNBits here."""
+    def tied_nbits(self, table: Value, bits: int) -> bool:
+        """Whether ``table`` is a tied ``bits``-bit per-group table (groups dividing the row) whose head lowers to
+        MatMulNBits in this function: then the lookup reads the head's blob instead of a copy of its own."""
         g = self.nbits_group(table)
-        if table.type.dtype.bits != 4 or g is None or int(table.type.shape[1]) % g:
-            return False
-        return any(op.opcode == "qmatmul" and i == 1 and op.parent is self.func and op.operands[0].type.quant is None
-                   and op.result.name not in self.opts.fallback_float for op, i in table.uses)
-
-    def shares_nbits(self, table: Value) -> bool:
-        """A tied 8-bit per-group table whose head lowers to MatMulNBits: gather from the same bytes."""
-        g = self.nbits_group(table)
-        if table.type.dtype.bits != 8 or g is None or int(table.type.shape[1]) % g:
+        if table.type.dtype.bits != bits or g is None or int(table.type.shape[1]) % g:
             return False
         return any(op.opcode == "qmatmul" and i == 1 and op.parent is self.func and op.operands[0].type.quant is None
                    and op.result.name not in self.opts.fallback_float for op, i in table.uses)
