@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qir.dtypes import dtype
+from qir.dtypes import DType, dtype
 from qir.errors import QirError
 from qir.graph import Constant, Module
 from qir.passes.base import Pass
@@ -49,7 +49,7 @@ from qir.quant import QTensor, expand_params
 from qir.quantspec import QuantSpec
 from qir.types import TensorType
 
-__all__ = ["CompressScales", "compress_row_params"]
+__all__ = ["CompressScales", "compress_constant", "compressed_values", "compress_row_params"]
 
 
 def compress_row_params(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -110,54 +110,72 @@ class CompressScales(Pass):
         return True
 
     def _compress(self, module: Module, c: Constant, spec: QuantSpec) -> None:
-        from qir.interpreter import RunContext
+        compress_constant(module, c, spec, self.bits, self.requantize)
 
-        assert isinstance(spec.scale, str)
-        old = RunContext(module).constant(c.name)
-        assert isinstance(old, QTensor)
-        x = old.dequantize() if self.requantize else None
-        new_consts: dict[str, tuple[np.ndarray, TensorType]] = {}
-        real: dict[str, np.ndarray] = {}
-        for ref in (spec.scale, spec.offset):
-            if ref is None:
-                continue
-            vals = np.asarray(module.constant(ref).numpy(), dtype=np.float32)
-            codes, row, base, dt = compress_row_params(vals, self.bits)
-            rname = module.fresh_constant_name(f"{ref}.row")
-            bname = module.fresh_constant_name(f"{ref}.base")
-            rspec = QuantSpec(axis=0, scale=rname, offset=bname)
-            new_consts[ref] = (codes, TensorType.of(dt, list(vals.shape), rspec))
-            new_consts[rname] = (row, TensorType.of("f16", [vals.shape[0]]))
-            new_consts[bname] = (base, TensorType.of("f16", [vals.shape[0]]))
-            rows = QTensor(codes, row.astype(np.float32), None, rspec, base.astype(np.float32))
-            real[ref] = rows.dequantize()
-        if x is not None:
-            self._requantize(module, c, spec, x, real)
-        for ref in (spec.scale, spec.offset):
-            if ref is None:
-                continue
-            codes, t = new_consts[ref]
-            assert t.quant is not None and isinstance(t.quant.scale, str) and t.quant.offset is not None
-            for pname in (t.quant.offset, t.quant.scale):
-                module.add_constant(pname, new_consts[pname][0], type=new_consts[pname][1], after=ref)
-            module.constant(ref).type = t
-            module.constant(ref).data = codes
 
-    @staticmethod
-    def _requantize(module: Module, c: Constant, spec: QuantSpec, x: np.ndarray, real: dict[str, np.ndarray]
-                    ) -> None:
-        """Round the codes again against the compressed parameters (``q' = rint((x - m') / s') + zp``)."""
-        from qir.interpreter import RunContext
+def _compressed_params(values: dict[str, np.ndarray], spec: QuantSpec, bits: int
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, str, np.ndarray]]:
+    """For each of the spec's scale / offset arrays: ``(codes, row, base, dtype, the values they stand for)``."""
+    out = {}
+    for ref in (spec.scale, spec.offset):
+        if not isinstance(ref, str):
+            continue
+        codes, row, base, dt = compress_row_params(values[ref], bits)
+        rows = QTensor(codes, row.astype(np.float32), None, QuantSpec(axis=0, scale="r", offset="b"),
+                       base.astype(np.float32))
+        out[ref] = (codes, row, base, dt, rows.dequantize())
+    return out
 
-        shape = tuple(int(d) for d in c.type.shape)
-        assert isinstance(spec.scale, str)
-        s = expand_params(real[spec.scale], spec, shape)
-        off = expand_params(real[spec.offset], spec, shape) if spec.offset is not None else np.float32(0)
+
+def _requantized(x: np.ndarray, spec: QuantSpec, real: dict[str, np.ndarray], zp: np.ndarray | None,
+                 old: np.ndarray, d: DType) -> np.ndarray:
+    """The codes rounded again against the compressed parameters (``q' = rint((x - m') / s') + zp``)."""
+    shape = tuple(old.shape)
+    assert isinstance(spec.scale, str)
+    s = expand_params(real[spec.scale], spec, shape)
+    off = expand_params(real[spec.offset], spec, shape) if isinstance(spec.offset, str) else np.float32(0)
+    z = expand_params(zp, spec, shape) if zp is not None else np.float32(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint((x - off) / s) + z
+    q = np.where(s != 0, q, old.astype(np.float64))  # a block whose scale became 0: codes do not matter
+    return np.clip(q, d.qmin, d.qmax).astype(d.numpy)
+
+
+def compressed_values(qt: QTensor, dt: DType | str, bits: int = 8, requantize: bool = True) -> np.ndarray:
+    """What a per-group :class:`QTensor` (f32 ``scale``, optional ``offset``) dequantizes to once ``compress-scales``
+    has stored its parameters as ``bits``-bit codes: the same arithmetic as the pass, on arrays (``mixed-precision``
+    uses it to measure the rounding that will be stored)."""
+    spec = QuantSpec(axis=1, group_size=qt.spec.group_size, scale="s",
+                     offset="m" if qt.offset is not None else None, zero_point=qt.spec.zero_point)
+    values = {"s": np.asarray(qt.scale, np.float32)}
+    if qt.offset is not None:
+        values["m"] = np.asarray(qt.offset, np.float32)
+    real = {k: v[4] for k, v in _compressed_params(values, spec, bits).items()}
+    codes = qt.codes
+    if requantize:
+        codes = _requantized(qt.dequantize(), spec, real, qt.zero_point, np.asarray(qt.codes), dtype(dt))
+    return QTensor(codes, real["s"], qt.zero_point, spec, real.get("m")).dequantize()
+
+
+def compress_constant(module: Module, c: Constant, spec: QuantSpec, bits: int = 8, requantize: bool = True) -> None:
+    """Compress the block scale (and minimum) of the per-group quantized constant ``c`` in place (see the module
+    docstring); the caller checks that it is eligible (``CompressScales._eligible``)."""
+    from qir.interpreter import RunContext
+
+    assert isinstance(spec.scale, str)
+    old = RunContext(module).constant(c.name)
+    assert isinstance(old, QTensor)
+    values = {ref: np.asarray(module.constant(ref).numpy(), dtype=np.float32)
+              for ref in (spec.scale, spec.offset) if isinstance(ref, str)}
+    parts = _compressed_params(values, spec, bits)
+    if requantize:
         zp = RunContext(module).params(c.type)[1]
-        z = expand_params(zp, spec, shape) if zp is not None else np.float32(0)
-        d = c.type.dtype
-        old = np.asarray(c.numpy())
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.rint((x - off) / s) + z
-        q = np.where(s != 0, q, old.astype(np.float64))  # a block whose scale became 0: codes do not matter
-        c.data = np.clip(q, d.qmin, d.qmax).astype(d.numpy)
+        c.data = _requantized(old.dequantize(), spec, {k: v[4] for k, v in parts.items()}, zp,
+                              np.asarray(c.numpy()), c.type.dtype)
+    for ref, (codes, row, base, dt, _) in parts.items():
+        rname = module.fresh_constant_name(f"{ref}.row")
+        bname = module.fresh_constant_name(f"{ref}.base")
+        module.add_constant(bname, base, type=TensorType.of("f16", [row.shape[0]]), after=ref)
+        module.add_constant(rname, row, type=TensorType.of("f16", [row.shape[0]]), after=ref)
+        module.constant(ref).type = TensorType.of(dt, list(codes.shape), QuantSpec(axis=0, scale=rname, offset=bname))
+        module.constant(ref).data = codes

@@ -1,7 +1,7 @@
 """The ``mixed-precision`` pass: choose a bit width per weight tensor under a size budget, then quantize.
 
 ``mixed-precision{budget=4.25, candidates="8,4g32,4g128,4", symmetric=true, tables=true, windows=2, report=false,
-rounding=rtn|gptq, clip=minmax|mse, damp=0.01, sink=0, sensitivity=layer|output, probe=1}``
+rounding=rtn|gptq, clip=minmax|mse, damp=0.01, sink=0, sensitivity=layer|output, probe=1, scales=f32|u8}``
 
 The default candidates leave out 2-bit: on SmolLM2 the combined pipeline
 ``calibrate,vocab-share,mixed-precision{budget=4.25},quantize,fold-scales,dce`` reached ppl 1703 with
@@ -12,7 +12,15 @@ float 21.09). Ask for ``2g32`` explicitly to go below ~4.1 bits per parameter.
 ``linear`` ops and, with ``tables=true``, embedding tables -- a tied embedding/head table is one tensor), counting
 the codes AND the quantization parameters (f32 scales, zero points), as :func:`qir.stored_bytes` does. A candidate is
 ``BITS`` (one scale per output row) or ``BITSgGROUP`` (one scale per ``GROUP`` input columns), ``BITS`` in 2, 4, 8:
-``"8,4,4g32,2g32"`` stores 8.06, 4.06, 5.0 and 3.0 bits per parameter for a ``[N, 576]`` weight.
+``"8,4,4g32,2g32"`` stores 8.06, 4.06, 5.0 and 3.0 bits per parameter for a ``[N, 576]`` weight. ``BITSgGROUPm``
+stores a float minimum per group instead of a zero point (unsigned codes over the group's own range, ``quantize``'s
+``zero=float``, llama.cpp's ``Q4_1``): on SmolLM2, whose weights come from a Q4_1 file, ``4g32m`` is lossless.
+
+``scales=u8`` stores the block scales (and minimums) of every grouped format it assigns as ``compress-scales`` does
+-- one byte each against an fp16 scale and base per row -- counts them so (``4g32m``: 4.5 bits per parameter
+instead of 6; ``4g32`` asymmetric: 4.5 instead of 5.25) and measures each candidate's sensitivity on the values
+that will be stored (compressed parameters, codes rounded again). With f32 block parameters the allocation
+over-prices the grouped formats and picks 4-bit per row where a compressed 4g32 would fit.
 
 **Sensitivity** (cheap, no extra forward passes per candidate): the output error of each layer weighted by the
 input's second moment (the diagonal of the GPTQ Hessian ``E[x x^T]``), ``s(W, c) = sum_{n,k} (W~_c - W)[n,k]^2
@@ -86,7 +94,8 @@ from qir.errors import QirError
 from qir.graph import Constant, Function, Module, Op, Value
 from qir.passes.base import Pass
 from qir.passes.calibrate import calibration_function
-from qir.passes.gptq import HessianAccumulator, gptq_quantize, sink_weight
+from qir.passes.compress_scales import compress_constant, compressed_values
+from qir.passes.gptq import HessianAccumulator, gptq_quantize, rtn_quantize, sink_weight
 from qir.passes.registry import register_pass
 from qir.quantspec import QuantSpec
 from qir.types import TensorType
@@ -96,18 +105,34 @@ __all__ = ["Assignment", "Candidate", "MixedPrecision", "allocate", "parse_candi
 
 @dataclass(frozen=True)
 class Candidate:
-    """One storage format: ``bits`` per code, one scale per row (``group=None``) or per ``group`` input columns."""
+    """One storage format: ``bits`` per code, one scale per row (``group=None``) or per ``group`` input columns;
+    ``minimum``: a float minimum per group instead of a zero point (unsigned codes, llama.cpp's ``Q4_1``)."""
 
     bits: int
     group: int | None
+    minimum: bool = False
 
     def __str__(self) -> str:
-        return f"{self.bits}" if self.group is None else f"{self.bits}g{self.group}"
+        return (f"{self.bits}" if self.group is None else f"{self.bits}g{self.group}") + ("m" if self.minimum else "")
 
-    def nbytes(self, n: int, k: int, symmetric: bool) -> int:
-        """Stored bytes of an ``[n, k]`` weight: packed codes, f32 scales and (asymmetric) 1-byte zero points."""
+    def nbytes(self, n: int, k: int, symmetric: bool, scales: str = "f32") -> int:
+        """Stored bytes of an ``[n, k]`` weight: packed codes, block parameters and (asymmetric) 1-byte zero points.
+
+        ``scales="u8"``: the block scales (and minimums) of a grouped format as ``compress-scales`` stores them, one
+        byte each plus an fp16 scale and base per row; otherwise f32.
+        """
         groups = 1 if self.group is None else -(-k // self.group)
-        return -(-n * k * self.bits // 8) + n * groups * (4 if symmetric else 5)
+        nparams = 2 if self.minimum else 1
+        zp = 0 if (symmetric or self.minimum) else n * groups
+        if scales == "u8" and self.group is not None:
+            params = n * groups * nparams + n * nparams * 4
+        else:
+            params = n * groups * nparams * 4
+        return -(-n * k * self.bits // 8) + params + zp
+
+    def dtype(self, symmetric: bool) -> str:
+        """The code dtype: unsigned with a zero point or a minimum, signed when symmetric."""
+        return f"{'i' if symmetric and not self.minimum else 'u'}{self.bits}"
 
 
 @dataclass
@@ -127,16 +152,16 @@ class Assignment:
 
 
 def parse_candidates(text: str) -> list[Candidate]:
-    """``"8,4,4g32,2g32"`` as candidates (bits 2, 4 or 8; an optional group size)."""
+    """``"8,4,4g32,4g32m,2g32"`` as candidates (bits 2, 4 or 8; an optional group size; ``m``: a float minimum)."""
     out: list[Candidate] = []
     for item in (t.strip() for t in text.replace(":", ",").split(",")):
         if not item:
             continue
-        m = re.fullmatch(r"(\d+)(?:g(\d+))?", item)
+        m = re.fullmatch(r"(\d+)(?:g(\d+)(m?))?", item)
         if m is None or int(m.group(1)) not in (2, 4, 8) or (m.group(2) is not None and int(m.group(2)) < 1):
-            raise QirError(f"mixed-precision: candidate {item!r} must be BITS or BITSgGROUP with BITS 2, 4 or 8 "
-                           "(e.g. 8, 4g32)")
-        c = Candidate(int(m.group(1)), None if m.group(2) is None else int(m.group(2)))
+            raise QirError(f"mixed-precision: candidate {item!r} must be BITS, BITSgGROUP or BITSgGROUPm with BITS "
+                           "2, 4 or 8 (e.g. 8, 4g32, 4g32m: a float minimum per group)")
+        c = Candidate(int(m.group(1)), None if m.group(2) is None else int(m.group(2)), bool(m.group(3)))
         if c not in out:
             out.append(c)
     if not out:
@@ -176,7 +201,11 @@ def _checksum(w: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(w, dtype=np.float32).view(np.uint8))
 
 
-def _spec(c: Candidate, symmetric: bool, scale_name: str = "scale", zp_name: str | None = None) -> QuantSpec:
+def _spec(c: Candidate, symmetric: bool, scale_name: str = "scale", zp_name: str | None = None,
+          min_name: str = "min") -> QuantSpec:
+    if c.minimum:
+        assert c.group is not None
+        return QuantSpec(axis=1, group_size=c.group, scale=scale_name, offset=min_name)
     zp = None if symmetric else (zp_name or "zero_point")
     return QuantSpec.per_axis(0, scale_name, zp) if c.group is None else QuantSpec.per_group(1, c.group, scale_name,
                                                                                             zp)
@@ -184,9 +213,18 @@ def _spec(c: Candidate, symmetric: bool, scale_name: str = "scale", zp_name: str
 
 def _quantize(w: np.ndarray, c: Candidate, symmetric: bool, clip: str = "minmax",
               hessian: np.ndarray | None = None, damp: float = 0.01) -> quant.QTensor:
-    """``w`` stored as candidate ``c``: round to nearest (min/max or MSE-clipped scales) or GPTQ given ``hessian``."""
-    d = dtype(f"{'i' if symmetric else 'u'}{c.bits}")
+    """``w`` stored as candidate ``c``: round to nearest (min/max or MSE-clipped scales) or GPTQ given ``hessian``.
+
+    A float-minimum candidate always takes its group's min/max range (``clip=mse`` chooses integer zero points).
+    """
+    d = dtype(c.dtype(symmetric))
     spec = _spec(c, symmetric)
+    if c.minimum:
+        if hessian is not None:
+            codes, scale, low = gptq_quantize(w, hessian, d, group=c.group, symmetric=False, damp=damp, minimum=True)
+        else:
+            codes, scale, low = rtn_quantize(w, d, group=c.group, symmetric=False, minimum=True)
+        return quant.QTensor(codes, np.asarray(scale, np.float32), None, spec, np.asarray(low, np.float32))
     if hessian is not None:
         codes, scale, zp = gptq_quantize(w, hessian, d, group=c.group, symmetric=symmetric, damp=damp, clip=clip)
         return quant.QTensor(codes, scale, zp, spec)
@@ -242,6 +280,7 @@ class MixedPrecision(Pass):
     sink: float = 0.0
     sensitivity: Literal["layer", "output"] = "layer"
     probe: int = 1
+    scales: Literal["f32", "u8"] = "f32"
 
     def run(self, module: Module) -> None:
         self.assign(module, self.measure(module))
@@ -251,6 +290,8 @@ class MixedPrecision(Pass):
             raise QirError(f"mixed-precision: rounding must be rtn or gptq, got {self.rounding!r}")
         if self.clip not in ("minmax", "mse"):
             raise QirError(f"mixed-precision: clip must be minmax or mse, got {self.clip!r}")
+        if self.scales not in ("f32", "u8"):
+            raise QirError(f"mixed-precision: scales must be f32 or u8, got {self.scales!r}")
         if self.sensitivity not in ("layer", "output"):
             raise QirError(f"mixed-precision: sensitivity must be layer or output, got {self.sensitivity!r}")
 
@@ -279,7 +320,8 @@ class MixedPrecision(Pass):
                 full = self._hessian(hess, mine)
                 qt = _quantize(w, c, self.symmetric, self.clip, full, self.damp)
                 self._qcache[(wname, c)] = (_checksum(w), qt)
-                diff = qt.dequantize() - w
+                approx = self._stored_values(qt, c)
+                diff = approx - w
                 err2 = np.square(diff)
                 sens = 0.0
                 for kind, _func, op in mine:
@@ -294,9 +336,16 @@ class MixedPrecision(Pass):
                         rows = err2.sum(axis=1)
                         sens += float(rows @ p) if p is not None else float(rows.mean())
                 if self.sensitivity == "output":
-                    sens = probe.error(module.constant(wname), qt.dequantize())
-                options[wname][c] = (c.nbytes(n, k, self.symmetric), sens)
+                    sens = probe.error(module.constant(wname), approx)
+                options[wname][c] = (c.nbytes(n, k, self.symmetric, self.scales), sens)
         return options
+
+    def _stored_values(self, qt: quant.QTensor, c: Candidate) -> np.ndarray:
+        """What candidate ``c`` of a weight dequantizes to as stored: with ``scales=u8`` its block parameters are
+        compressed (and the codes rounded again) as ``compress-scales`` does."""
+        if self.scales == "u8" and c.group is not None:
+            return compressed_values(qt, c.dtype(self.symmetric))
+        return qt.dequantize()
 
     @staticmethod
     def _hessian(hess: dict[int, np.ndarray], mine: list[tuple[str, Function, Op]]) -> np.ndarray | None:
@@ -453,11 +502,14 @@ class MixedPrecision(Pass):
         w_shape = tuple(int(s) for s in module.constant(wname).type.shape)
         qname = module.fresh_constant_name(f"{wname}.q")
         sname = module.fresh_constant_name(f"{wname}.scale")
-        zname = None if self.symmetric else module.fresh_constant_name(f"{wname}.zp")
-        d = dtype(f"{'i' if self.symmetric else 'u'}{a.fmt.bits}")
-        spec = _spec(a.fmt, self.symmetric, sname, zname)
+        zname = None if self.symmetric or a.fmt.minimum else module.fresh_constant_name(f"{wname}.zp")
+        mname = module.fresh_constant_name(f"{wname}.min") if a.fmt.minimum else "min"
+        d = dtype(a.fmt.dtype(self.symmetric))
+        spec = _spec(a.fmt, self.symmetric, sname, zname, mname)
         qc = module.add_constant(qname, qt.codes, type=TensorType.of(d, w_shape, spec), after=wname)
         module.add_constant(sname, np.asarray(qt.scale, np.float32), after=qname)
+        if a.fmt.minimum:
+            module.add_constant(mname, np.asarray(qt.offset, np.float32), after=sname)
         if zname is not None:
             module.add_constant(zname, np.asarray(qt.zero_point).astype(np.int8 if d.is_signed else np.uint8),
                                 after=sname)
@@ -466,4 +518,6 @@ class MixedPrecision(Pass):
             func.replace_op(op, "qembedding" if kind == "embedding" else "qmatmul", operands)
         module.remove_constant(wname)
         module.rename_constant(qname, wname)
+        if self.scales == "u8" and a.fmt.group is not None:
+            compress_constant(module, qc, spec)
 

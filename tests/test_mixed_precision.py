@@ -39,7 +39,9 @@ def test_parse_candidates() -> None:
     assert parse_candidates("8, 4,4g32,2g32") == [Candidate(8, None), Candidate(4, None), Candidate(4, 32),
                                                   Candidate(2, 32)]
     assert str(Candidate(4, 32)) == "4g32" and str(Candidate(8, None)) == "8"
-    for bad in ("3", "4g0", "x", ""):
+    assert parse_candidates("4g32m,4g32") == [Candidate(4, 32, True), Candidate(4, 32)]
+    assert str(Candidate(4, 32, True)) == "4g32m"
+    for bad in ("3", "4g0", "x", "", "4m", "4g32mm"):
         with pytest.raises(QirError, match="candidate"):
             parse_candidates(bad)
 
@@ -256,3 +258,39 @@ def test_gptq_clip_mse_refuses_minimum_and_bad_names() -> None:
         rtn_quantize(w, "u4", group=8, symmetric=False, minimum=True, clip="mse")
     with pytest.raises(QirError, match="clip must be 'minmax' or 'mse'"):
         gptq_quantize(w, np.eye(16), "i4", group=None, symmetric=True, clip="percentile")
+
+
+@pytest.mark.parametrize("rounding", ["rtn", "gptq"])
+def test_minimum_candidates_and_compressed_scales_are_counted_as_stored(rounding: str) -> None:
+    """``4g16m`` stores a float minimum per group; ``scales=u8`` compresses block parameters and counts them so:
+    the assignment's bytes are the stored bytes and its sensitivities are those of the stored (compressed) values."""
+    src = tiny_lm()
+    pipe = (f'mixed-precision{{budget=7,candidates="8,4g16m,4g16",symmetric=false,scales=u8,rounding={rounding},'
+            'sensitivity=output}')
+    out, mp = run_mp(pipe, src)
+    qir.verify(out)
+    fmts = {str(a.fmt) for a in mp.assignment}
+    assert "4g16m" in fmts, mp.table()
+    quantized = sum(c.type.nbytes() for c in out.constants.values() if c.name != "norm")
+    assert quantized == sum(a.nbytes for a in mp.assignment)
+    grouped = [a for a in mp.assignment if a.fmt.group is not None]
+    for a in grouped:
+        spec = out.constant(a.weight).type.quant
+        assert spec is not None and isinstance(spec.scale, str)
+        assert out.constant(spec.scale).type.quant is not None  # two-level: compressed in place
+        assert (spec.offset is not None) == a.fmt.minimum
+    # u8 block parameters make a grouped format cheaper than f32 ones, by the stated amount
+    c = Candidate(4, 16, True)
+    assert c.nbytes(32, 64, False, "u8") == 32 * 64 // 2 + 32 * 4 * 2 + 32 * 2 * 4
+    assert c.nbytes(32, 64, False, "f32") == 32 * 64 // 2 + 32 * 4 * 2 * 4
+    # the output sensitivity was measured on what is stored: swapping in the stored weights reproduces it
+    from qir.interpreter import RunContext
+    from qir.passes.calibrate import calibration_function
+    from qir.passes.mixed_precision import _OutputProbe
+
+    ctx = RunContext(out)
+    func = calibration_function(src)
+    probe = _OutputProbe(src, src.function(func.name), feeds()[:1])
+    for a in grouped[:3]:
+        stored = np.asarray(ctx.constant(a.weight).dequantize())
+        assert probe.error(src.constant(a.weight), stored) == pytest.approx(a.sensitivity, rel=1e-6)
