@@ -13,12 +13,12 @@ kernels of ``qir.backends.tvm.kernels``) to the same run, with their compile tim
 two built with the lowering's own TE computes under the generic CPU schedule (``-te`` rows).
 
 ``--small`` adds the issue's size goal (<= 12 MB at mean cosine >= 0.99): ``mixed-precision`` with GPTQ rounding,
-MSE-clipped scales and end-to-end sensitivities (:data:`SMALL_PIPELINE`) over every linear weight and embedding
-table, calibrated on ``--calib-text`` (default GPL-3: a general text that is not the evaluation sentences; one
-sentence per line, ``--calib-lines`` of them in batches of 32). The sensitivities are measured once, then one
-``qir-ort-cpu-small-<MB>`` row per target in ``--small-mb``: the budget in bits per parameter is what leaves that
-many bytes (``qir.stored_bytes``) for the whole model, the artifact compiled for ``ort-cpu`` and run there; its
-bytes are the artifact's files, as for every qir row.
+MSE-clipped scales, block scales stored in 8 bits (``scales=u8``) and end-to-end sensitivities
+(:data:`SMALL_PIPELINE`) over every linear weight and embedding table, calibrated on ``--calib-text`` (default GPL-3:
+a general text that is not the evaluation sentences; one sentence per line, ``--calib-lines`` of them in batches of
+32). The sensitivities are measured once, then one ``qir-ort-cpu-small-<MB>`` row per target in ``--small-mb``: the
+budget in bits per parameter is what leaves that many bytes (``qir.stored_bytes``) for the whole model, the artifact
+compiled for ``ort-cpu`` and run there; its bytes are the artifact's files, as for every qir row.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ THREADS = 2
 BATCH, SEQ = 8, 128
 
 #: The --small pipeline (BUDGET filled in per target size).
-SMALL_PIPELINE = ('mixed-precision{{budget={budget:.4f},candidates="8,4g32,4g64,4",symmetric=false,rounding=gptq,'
-                  'clip=mse,windows={windows},sensitivity=output,probe={probe}}}')
+SMALL_CANDIDATES = "8,4g32,4g64,4g128,4"
+SMALL_PIPELINE = ('mixed-precision{{budget={budget:.4f},candidates="' + SMALL_CANDIDATES + '",symmetric=false,'
+                  'scales=u8,rounding=gptq,clip=mse,windows={windows},sensitivity=output,probe={probe}}}')
 
 
 def _time_round_robin(fns: list[Callable[[], Any]], repeats: int, block: int = 5) -> list[float]:
@@ -84,7 +85,7 @@ def _small_rows(args: argparse.Namespace, module: Any, tokenizer: Any, work: Pat
     windows = -(-args.calib_lines // 32)
     func, feeds = calibration_feeds(module, "encoder", tokenizer, args.calib_text, windows=windows, batch=32)
     ctx = PassContext(calibration=feeds, function=func)
-    probe = MixedPrecision(candidates="8,4g32,4g64,4", symmetric=False, rounding="gptq", clip="mse",
+    probe = MixedPrecision(candidates=SMALL_CANDIDATES, symmetric=False, scales="u8", rounding="gptq", clip="mse",
                            windows=windows, sensitivity="output", probe=args.probe)
     probe.context = ctx
     t0 = time.perf_counter()
@@ -94,7 +95,7 @@ def _small_rows(args: argparse.Namespace, module: Any, tokenizer: Any, work: Pat
     other = qir.stored_bytes(module) - sum(module.constant(w).type.nbytes() for w in options)
     for mb in (float(x) for x in args.small_mb.split(",")):
         budget = (mb * 1e6 - other) * 8 / params
-        mp = MixedPrecision(budget=budget, candidates=probe.candidates, symmetric=False, rounding="gptq",
+        mp = MixedPrecision(budget=budget, candidates=probe.candidates, symmetric=False, scales="u8", rounding="gptq",
                             clip="mse", windows=windows, sensitivity="output", probe=args.probe)
         mp.context = ctx
         mp._qcache = probe._qcache  # the GPTQ codes measured above: assign() checks they belong to these weights
