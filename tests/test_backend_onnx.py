@@ -212,7 +212,8 @@ def test_qembedding_dequantize_requantize() -> None:
 
 @pytest.mark.parametrize(("dt", "kw"), [
     ("i2", {"axis": 0}), ("i4", {"axis": 0, "symmetric": False}), ("u4", {"axis": 1, "group_size": 16}),
-    ("i2", {"axis": 1, "group_size": 16, "symmetric": False}), ("i4", {"axis": None})])
+    ("i2", {"axis": 1, "group_size": 16, "symmetric": False}), ("i4", {"axis": None}),
+    ("u4", {"axis": 1, "group_size": 20, "symmetric": False})])  # 20 divides 60: the per-block path
 def test_sub_byte_qembedding_is_stored_packed_and_exact(dt: str, kw: dict[str, object]) -> None:
     rng = np.random.default_rng(5)
     m = qir.Module("e")
@@ -227,6 +228,8 @@ def test_sub_byte_qembedding_is_stored_packed_and_exact(dt: str, kw: dict[str, o
     packed = [t for t in lf.model.graph.initializer if "::packed" in t.name]
     bits = qir.dtypes.dtype(dt).bits
     assert len(packed) == 1 and tuple(packed[0].dims) == (40, -(-60 * bits // 8))
+    zps = [t for t in lf.model.graph.initializer if "::zp" in t.name]
+    assert all(t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) for t in zps), zps  # 1 byte each
     for level in ("none", "all"):
         (o,) = _ort_run(lf.model, {"ids": idv}, level)
         np.testing.assert_array_equal(o, ref)
