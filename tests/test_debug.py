@@ -239,7 +239,7 @@ def test_bisect_reports_an_unreachable_bound() -> None:
 
 # -- the command line --------------------------------------------------------------------------------------
 
-def toy_lm(text: str, vocab: int = 48, layers: int = 4, seed: int = 0) -> qir.Module:
+def toy_lm(text: str, vocab: int = 48, layers: int = 4, seed: int = 0, dim: int = D) -> qir.Module:
     """A toy causal LM that knows ``text``'s character bigrams: ``prefill(tokens) -> logits``.
 
     Embedding and untied head are a rank-``D`` factorization of the bigram log-probabilities (so perplexity
@@ -253,19 +253,20 @@ def toy_lm(text: str, vocab: int = 48, layers: int = 4, seed: int = 0) -> qir.Mo
     logp = np.log(counts / counts.sum(1, keepdims=True))
     u, sv, vt = np.linalg.svd(logp - logp.mean(1, keepdims=True))
     m = qir.Module("toylm")
-    table = m.add_constant("embed.weight", (u[:, :D] * np.sqrt(sv[:D])).astype(np.float32))
+    table = m.add_constant("embed.weight", (u[:, :dim] * np.sqrt(sv[:dim])).astype(np.float32))
     f = m.add_function("prefill")
     tokens = f.add_input("tokens", TensorType.of("i64", [1, "seq"]))
     h = f.add_op("embedding", [table, tokens], names=["embed"]).result
     for i in range(layers):
-        up = m.add_constant(f"layers.{i}.up.weight", (rng.standard_normal((2 * D, D)) / np.sqrt(D)).astype(np.float32))
+        up = m.add_constant(f"layers.{i}.up.weight",
+                            (rng.standard_normal((2 * dim, dim)) / np.sqrt(dim)).astype(np.float32))
         down = m.add_constant(f"layers.{i}.down.weight",
-                              (0.5 * rng.standard_normal((D, 2 * D)) / np.sqrt(2 * D)).astype(np.float32))
+                              (0.5 * rng.standard_normal((dim, 2 * dim)) / np.sqrt(2 * dim)).astype(np.float32))
         a = f.add_op("silu", [f.add_op("linear", [h, up], names=[f"layers.{i}.up"]).result],
                      names=[f"layers.{i}.act"]).result
         h = f.add_op("add", [h, f.add_op("linear", [a, down], names=[f"layers.{i}.down"]).result],
                      names=[f"layers.{i}.out"]).result
-    head = m.add_constant("head.weight", (vt[:D].T * np.sqrt(sv[:D])).astype(np.float32))
+    head = m.add_constant("head.weight", (vt[:dim].T * np.sqrt(sv[:dim])).astype(np.float32))
     f.set_outputs([f.add_op("linear", [h, head], names=["logits"]).result])
     return m
 
@@ -358,3 +359,32 @@ def test_minilm_float_against_its_ort_artifact(tmp_path: Path) -> None:
     assert r.matched == len(b.value_names())  # every value the artifact computes is matched by name
     assert r.integer_tensors and all(t.exact for t in r.integer_tensors)
     assert min(t.cosine for t in r.tensors) > 0.9999
+
+
+def test_cli_documented_combined_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #5's combined pipeline, spelled as documented, through ``qir quantize --calib-text`` on a toy LM:
+    it composes, every weight ends up within the bit budget, and the result runs (vocab-share leaves a 48-row
+    table alone: fewer rows than its ``min_rows``)."""
+    import qir.frontend.importer as importer
+    from qir.frontend.importer import LoadedImport
+    from qir.tools.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; " * 20)
+    monkeypatch.setattr(importer, "import_model", lambda *a, **k: LoadedImport(
+        module=toy_lm(text.read_text(), vocab=256, dim=256), kind="causal-lm", source="toy",
+        tokenizer=CharTokenizer(256)))  # rows of 256: 4-bit per row fits the 4.25-bit budget (32 bits / row)
+    pipe = "calibrate,vocab-share,mixed-precision{budget=4.25},quantize,fold-scales,dce"
+    out = tmp_path / "c.qir"
+    assert main(["quantize", "toy", "-p", pipe, "--calib-text", str(text), "-o", str(out)]) == 0
+    m = qir.load(out)
+    qir.verify(m)
+    ops = [op.opcode for op in m.function("prefill").ops]
+    assert "linear" not in ops and "embedding" not in ops, ops
+    weights = [c for c in m.constants.values() if c.type.quant is not None and c.type.rank == 2]
+    params = sum(c.type.numel() for c in weights)
+    assert params > 0
+    nbytes = sum(c.type.nbytes() for c in m.constants.values() if not c.name.startswith("calib."))
+    assert 8 * nbytes / params <= 4.25 + 0.5  # the budget, plus the few f32 norms/biases it does not assign
+    logits = qir.run(m, {"tokens": np.asarray([CharTokenizer(256)(text.read_text()[:32])["input_ids"]], np.int64)})[0]
+    assert np.isfinite(np.asarray(logits)).all()
