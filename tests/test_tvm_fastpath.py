@@ -285,3 +285,34 @@ def test_smollm2_w8a8_with_every_kernel_matches_interpreter() -> None:
     feeds = [np.array([[42]], np.int64), np.array([6], np.int64)]
     feeds += [rng.standard_normal((1, 3, 16, 64)).astype(np.float32) for _ in dec.inputs[2:]]
     assert cos(built.run(feeds, function="decode")[0], run(m, feeds, function="decode")[0]).min() > 0.995
+
+
+@pytest.mark.parametrize("p", [0, 17, 39])
+def test_attention_kernel_limit_reads_only_the_filled_prefix(p: int) -> None:
+    """The decode kernel over a static cache filled up to ``p`` (``limit``): keys ``j <= p`` only, in key tiles
+    that do not divide the cache (40 slots, tiles of 2 vectors), grouped-query heads; against numpy."""
+    from qir.backends.tvm.compile import tvm_target
+    from qir.backends.tvm.kernels.attention import attention
+
+    target = tvm_target(load_target("tvm-llvm"))
+    hq, hkv, sk, d = 6, 2, 40, 64
+    pf = attention(1, hq, hkv, 1, sk, d, d, target, scale=0.125, limit=True)
+    assert pf is not None
+    with target:
+        lib = tvm.compile(pf, target=target)
+    rng = np.random.default_rng(p)
+    q = rng.standard_normal((1, hq, 1, d)).astype(np.float32)
+    k = rng.standard_normal((1, hkv, sk, d)).astype(np.float32)
+    v = rng.standard_normal((1, hkv, sk, d)).astype(np.float32)
+    k[:, :, p + 1:] = np.nan  # slots past the prefix must never be read
+    v[:, :, p + 1:] = np.nan
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, np.array([p], np.int64),
+                                                  np.zeros((1, hq, 1, d), np.float32))]
+    lib(*args)
+    want = np.zeros((hq, d))
+    for h in range(hq):
+        s = q[0, h, 0].astype(np.float64) @ k[0, h // (hq // hkv), : p + 1].T.astype(np.float64) * 0.125
+        e = np.exp(s - s.max())
+        want[h] = (e / e.sum()) @ v[0, h // (hq // hkv), : p + 1].astype(np.float64)
+    np.testing.assert_allclose(args[-1].numpy()[0, :, 0], want, rtol=1e-5, atol=1e-5)
