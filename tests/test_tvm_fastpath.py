@@ -9,6 +9,8 @@ with :func:`qir.interpreter.run`.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -316,3 +318,35 @@ def test_attention_kernel_limit_reads_only_the_filled_prefix(p: int) -> None:
         e = np.exp(s - s.max())
         want[h] = (e / e.sum()) @ v[0, h // (hq // hkv), : p + 1].astype(np.float64)
     np.testing.assert_allclose(args[-1].numpy()[0, :, 0], want, rtol=1e-5, atol=1e-5)
+
+
+# -- the kernels survive the module build as scheduled ----------------------------------------------------------
+def test_gemm_kernel_keeps_its_schedule_and_noalias_inside_a_dynamic_module() -> None:
+    """A scheduled kernel must reach LLVM as it was scheduled, inside a module with dynamic shapes.
+
+    Two ways it did not (SmolLM2 prefill ran its GEMMs 2-10x slower than the same kernel compiled alone):
+    DLight's default-schedule pass re-scheduled unmarked kernels (the generic rule inlined the GEMM's packed weight
+    panels back into the FMA loop), and Relax's shape function, without ``tirx.noalias``, made TVM's code generator
+    drop the ``noalias`` compute functions for every kernel of the module (LLVM then stores the register tile to
+    memory after every FMA). K = 576 is also the size whose old 128-wide K split put a bound check on every FMA.
+    """
+    from qir.backends.tvm.schedule import pipeline
+
+    rng = np.random.default_rng(5)
+    m = qir.Module("g")
+    w = m.add_constant("w", rng.standard_normal((40, 576)).astype(np.float32))
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", ["s", 576]))
+    f.set_outputs([f.add_op("linear", [x, w], names=["y"]).result])
+    xs = rng.standard_normal((11, 576)).astype(np.float32)
+    _, built = _compare(m, [xs], {"matmul_f32": 1}, rtol=1e-4, atol=1e-4)
+    lowered = pipeline(built.target)(built.lowered.mod)
+    kernel = next(fn for gv, fn in lowered.functions.items() if gv.name_hint.startswith("matmul_f32_k"))
+    assert 'sblock("B_pack")' in kernel.script(), "the packed weight panels were inlined by a default schedule"
+    assert not re.search(r"T\.where\([^\n]*\bk_", kernel.script()), "a bound check on K inside the FMA loop"
+    prims = [(gv.name_hint, fn) for gv, fn in lowered.functions.items() if isinstance(fn, tvm.tirx.PrimFunc)]
+    assert any(name == "shape_func" for name, _ in prims)  # the dynamic shape made Relax add one
+    assert all("tirx.noalias" in fn.attrs for _, fn in prims), [n for n, fn in prims if "tirx.noalias" not in fn.attrs]
+    ll = built.executable.mod.imports[0].inspect_source("ll")
+    compute = [line for line in ll.splitlines() if line.startswith("define") and "@matmul_f32_k_compute_(" in line]
+    assert compute and "noalias" in compute[0], "no noalias compute function for the GEMM kernel"

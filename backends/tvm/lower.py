@@ -674,6 +674,7 @@ def _index_copy_primfunc(rank: int, axis: int, dtype: str, idx_dtype: str) -> An
 
 @T.prim_func(private=True, s_tir=True)
 def index_copy(x: T.handle, idx: T.handle, src: T.handle):
+    T.func_attr({{"tirx.noalias": True}})
     {", ".join(dims + ["n"])} = {", ".join(["T.int64()"] * (rank + 1))}
     X = T.match_buffer(x, ({", ".join(dims)},), "{dtype}")
     I = T.match_buffer(idx, (n,), "{idx_dtype}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from qir.backends.tvm.lower_quant import QVal, layout_of
+from qir.backends.tvm.lower_quant import QVal, add_kernel, layout_of
 from qir.backends.tvm.qops import tvm_dtype
 from qir.graph import Op, Value
 from qir.quantspec import QuantSpec
@@ -92,7 +92,7 @@ class FusedLowering:
             prim = None
         if prim is None:
             return None
-        gv = self.bb.add_func(prim.without_attr("global_symbol"), "attention_k")
+        gv = add_kernel(self.bb, prim, "attention_k")
         self._count("attention")
         out = self.relax.call_tir(gv, args, self.sinfo(out_t))  # type: ignore[attr-defined]
         if back is None:
@@ -190,7 +190,7 @@ class FusedLowering:
             prim = None
         if prim is None:
             return None
-        gv = self.bb.add_func(prim.without_attr("global_symbol"), "quantize_rows_k")
+        gv = add_kernel(self.bb, prim, "quantize_rows_k")
         self._count("quantize_rows")
         R = self.relax
         outs = [R.TensorType([m, kdim], tvm_dtype(t.dtype)), R.TensorType([m], "float32")]

@@ -28,7 +28,7 @@ def check_dims(op: str, **dims: Dim) -> None:
 
 @dataclass(frozen=True)
 class F32Tile:
-    """Register tile of an f32 GEMM: ``mr`` rows x ``nr`` columns of accumulators, ``kc`` reduction block.
+    """Register tile of an f32 GEMM: ``mr`` rows x ``nr`` columns of accumulators.
 
     ``nr`` is two vectors wide, ``mr`` fills about half the vector registers with accumulators (16
     on AVX-512's 32 zmm, 8-12 on 16-register ISAs), leaving room for the B vectors and broadcasts.
@@ -36,15 +36,14 @@ class F32Tile:
 
     mr: int
     nr: int
-    kc: int
 
 
 def f32_tile(feat: CpuFeatures) -> F32Tile:
     if feat.arch == "x86" and feat.avx512:
-        return F32Tile(mr=8, nr=32, kc=128)
+        return F32Tile(mr=8, nr=32)
     if feat.arch == "x86" and feat.avx2:
-        return F32Tile(mr=4, nr=16, kc=128)
-    return F32Tile(mr=4, nr=8, kc=128)
+        return F32Tile(mr=4, nr=16)
+    return F32Tile(mr=4, nr=8)
 
 
 def target_of(target: tvm.target.Target | str | dict) -> tvm.target.Target:

@@ -158,5 +158,5 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
     tile = f32_tile(feat)
     Y = packed_gemm(X, M, N, K, deq, bias_t, tile.nr, tile.mr)
     sch = s_tir.Schedule(te.create_prim_func([*params, Y]))
-    schedule_gemm(sch, feat, "C", tile.mr, tile.nr, min(tile.kc, K), "Y", "B_pack")
+    schedule_gemm(sch, feat, "C", tile.mr, tile.nr, "Y", "B_pack")
     return sch.mod["main"].with_attr("global_symbol", "main")
