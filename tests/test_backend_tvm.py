@@ -184,9 +184,9 @@ def _w8a8_module() -> qir.Module:
 
 
 _NO_ARM_CC = pytest.mark.skipif(
-    shutil.which("aarch64-linux-gnu-gcc") is None,
-    reason="the aarch64 cross compiler is not installed (apt-get install gcc-aarch64-linux-gnu "
-           "binutils-aarch64-linux-gnu)")
+    shutil.which("aarch64-linux-gnu-gcc") is None or not Path("/usr/aarch64-linux-gnu/lib/crti.o").exists(),
+    reason="the aarch64 cross compiler or its C library is not installed (apt-get install gcc-aarch64-linux-gnu "
+           "binutils-aarch64-linux-gnu libc6-dev-arm64-cross)")
 
 
 @_NO_ARM_CC

@@ -156,3 +156,28 @@ def test_int8_kernel_uses_vnni_only_where_the_target_has_it() -> None:
     assert "vpdpbusd" in _x86_mnemonics(qmatmul_i8(8, 64, 64, zen4), zen4)
     zen3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})  # AVX2 only: no VNNI, no AVX-512
     assert not {"vpdpbusd", "vpmaddubsw"} & _x86_mnemonics(qmatmul_i8(8, 64, 64, zen3), zen3)
+
+
+def _parallel_bodies(ll: str) -> list[str]:
+    """The LLVM IR bodies of a module's parallel tasks (``__tvm_parallel_lambda*``)."""
+    return [m.group(0) for m in re.finditer(r"define [^\n]*@__tvm_parallel_lambda[^\n]*\{.*?\n\}", ll, re.S)]
+
+
+@pytest.mark.parametrize("kind", ["f32", "int8", "int4"])
+def test_gemv_tasks_allocate_nothing_per_row(kind: str) -> None:
+    """A decode GEMV's per-task partial sums live on the stack, not in a heap workspace.
+
+    TVM lowers a ``local``-scope buffer on CPU to ``TVMBackendAllocWorkspace``/``Free`` calls, made once per
+    iteration of the parallel loop: per output row here. That cost a SmolLM2 w8a16 decode step about half its
+    time (60 tok/s against 117 once the buffers were plain ``global`` allocations, which LLVM keeps in registers).
+    """
+    if kind == "f32":
+        func = matmul_f32(1, 256, 576, HOST)
+    elif kind == "int8":
+        func = wmatmul(1, 256, 576, 8, None, HOST)
+    else:
+        func = wmatmul(1, 256, 576, 4, 32, HOST, symmetric=False, signed=False)
+    ll = tvm.compile(tvm.IRModule({"main": func}), target=HOST).mod.inspect_source("ll")
+    bodies = _parallel_bodies(ll)
+    assert bodies, "the GEMV has no parallel loop"
+    assert not any("__TVMBackendAllocWorkspace" in b for b in bodies)

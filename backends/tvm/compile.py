@@ -122,7 +122,8 @@ def _export(built: Built, path: Path, cc: str | None) -> None:
 
         if shutil.which(cc) is None:
             raise _error(f"exporting for {built.target.kind.name} needs the cross compiler {cc}, which is not "
-                         "installed (apt-get install gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu)")
+                         "installed (apt-get install gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu "
+                         "libc6-dev-arm64-cross)")
         built.executable.export_library(str(path), fcompile=tvm_cc.cross_compiler(cc))
     else:
         built.executable.export_library(str(path))

@@ -153,7 +153,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
                         S[rr, j] = T.float32(-np.inf)
                 # 1. scores: R x TJ register tiles over Kt
                 for jt in range({NKP} // {TJ}):
-                    acc = T.alloc_buffer(({R}, {TJ}), "float32", scope="local")
+                    acc = T.alloc_buffer(({R}, {TJ}), "float32")
                     for rr in T.unroll({R}):
                         for c in T.vectorized({TJ}):
                             acc[rr, c] = T.float32(0)
@@ -168,10 +168,10 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
                             S[rr, jt * {TJ} + c] = acc[rr, c] * T.float32({scale!r}) + S[rr, jt * {TJ} + c]
                 # 3. softmax per row
                 for rr in range({R}):
-                    mv = T.alloc_buffer(({L},), "float32", scope="local")
-                    sv = T.alloc_buffer(({L},), "float32", scope="local")
-                    top = T.alloc_buffer((1,), "float32", scope="local")
-                    tot = T.alloc_buffer((1,), "float32", scope="local")
+                    mv = T.alloc_buffer(({L},), "float32")
+                    sv = T.alloc_buffer(({L},), "float32")
+                    top = T.alloc_buffer((1,), "float32")
+                    tot = T.alloc_buffer((1,), "float32")
                     for c in T.vectorized({L}):
                         mv[c] = T.float32(-np.inf)
                         sv[c] = T.float32(0)
@@ -196,7 +196,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
                             S[rr, jo * {L} + c] = S[rr, jo * {L} + c] / tot[0]
                 # 4. out = p @ v, R x TD accumulators
                 for dt in range({DV // TD}):
-                    acc2 = T.alloc_buffer(({R}, {TD}), "float32", scope="local")
+                    acc2 = T.alloc_buffer(({R}, {TD}), "float32")
                     for rr in T.unroll({R}):
                         for c in T.vectorized({TD}):
                             acc2[rr, c] = T.float32(0)

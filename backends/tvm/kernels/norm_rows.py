@@ -94,10 +94,10 @@ def main(x: T.handle, w: T.handle, {b_param}y: T.handle):
     W = T.match_buffer(w, ({K},), "float32")
 {b_buf}    Y = T.match_buffer(y, ({m}, {K}), "float32")
     for row in T.parallel({m}):
-        pv = T.alloc_buffer(({L},), "float32", scope="local")
-        acc = T.alloc_buffer((1,), "float32", scope="local")
-        mu = T.alloc_buffer((1,), "float32", scope="local")
-        den = T.alloc_buffer((1,), "float32", scope="local"){stats}
+        pv = T.alloc_buffer(({L},), "float32")
+        acc = T.alloc_buffer((1,), "float32")
+        mu = T.alloc_buffer((1,), "float32")
+        den = T.alloc_buffer((1,), "float32"){stats}
         for ko in range({K // L}):
             for c in T.vectorized({L}):
                 Y[row, ko * {L} + c] = {body(f"ko * {L} + c")}

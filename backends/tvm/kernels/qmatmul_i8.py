@@ -131,7 +131,6 @@ def _schedule(sch: s_tir.Schedule, plan: _Int8Plan, feat: CpuFeatures) -> None:
     sch.reorder(mo, noo, ko, mi, noi, ki, ni)
     y = sch.get_sblock("Y")
     sch.reverse_compute_at(y, noo, preserve_unit_loops=True)
-    sch.set_scope(blk, 0, "local")
     sch.parallel(sch.fuse(mo, noo))
     sch.unroll(mi)
     sch.unroll(noi)

@@ -135,7 +135,7 @@ def main(a: T.handle, {w_params}, a_s: T.handle, w_s: T.handle, {bias_param}y: T
 {bias_buf}    Y = T.match_buffer(y, ({m}, {N}), "float32")
 {pack}
     for t in T.parallel({nrb} * {ntb}):
-        acc = T.alloc_buffer(({mr}, {NT * L}), "int32", scope="local")
+        acc = T.alloc_buffer(({mr}, {NT * L}), "int32")
         for mi in T.unroll({mr}):
             for cc in T.vectorized({NT * L}):
                 acc[mi, cc] = 0

@@ -69,12 +69,12 @@ def main(x: T.handle, qr: T.handle, c: T.handle, s: T.handle{z_param}):
     C = T.match_buffer(c, ({m}, {K}), "{out_dtype}")
     S = T.match_buffer(s, ({m},), "float32")
 {z_buf}    for row in T.parallel({m}):
-        lv = T.alloc_buffer(({L},), "float32", scope="local")
-        hv = T.alloc_buffer(({L},), "float32", scope="local")
-        lo = T.alloc_buffer((1,), "float32", scope="local")
-        hi = T.alloc_buffer((1,), "float32", scope="local")
-        sc = T.alloc_buffer((1,), "float32", scope="local")
-        zf = T.alloc_buffer((1,), "float32", scope="local")
+        lv = T.alloc_buffer(({L},), "float32")
+        hv = T.alloc_buffer(({L},), "float32")
+        lo = T.alloc_buffer((1,), "float32")
+        hi = T.alloc_buffer((1,), "float32")
+        sc = T.alloc_buffer((1,), "float32")
+        zf = T.alloc_buffer((1,), "float32")
         for c in T.vectorized({L}):
             lv[c] = T.float32(0)
             hv[c] = T.float32(0)

@@ -23,7 +23,7 @@ from tvm import s_tir, te, tirx
 
 from qir.backends.tvm.kernels.common import Dim, check_dims, f32_tile, is_static_one, target_of
 from qir.backends.tvm.kernels.cpu_features import features_of
-from qir.backends.tvm.kernels.matmul_f32 import packed_gemm, schedule_gemm, schedule_gemv_rows
+from qir.backends.tvm.kernels.matmul_f32 import packed_gemm, schedule_gemm, schedule_gemv_rows, streaming_gemv
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
         else:
             Y = C
         sch = s_tir.Schedule(te.create_prim_func([*params, Y]))
-        schedule_gemv_rows(sch, "C", feat)
+        schedule_gemv_rows(sch, "C", feat, **(streaming_gemv(K, feat) if bits == 8 else {}))
         if bias_t is not None:
             sch.reverse_compute_at(sch.get_sblock("Y"), sch.get_loops(sch.get_sblock("C"))[0])
         return sch.mod["main"].with_attr("global_symbol", "main")
