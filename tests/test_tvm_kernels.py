@@ -101,7 +101,7 @@ def test_qmatmul_i8_static_u8_with_zero_point_is_exact_in_integers(target: tvm.t
 @pytest.mark.parametrize(("m", "n", "k", "bits", "group", "sym", "bias"), [
     (1, 40, 64, 4, 32, True, True), (1, 35, 64, 4, None, False, False), (1, 40, 64, 8, 16, True, False),
     (1, 24, 48, 8, None, False, True), (5, 40, 64, 4, 32, False, True), (DYN, 40, 64, 8, None, True, True),
-    (3, 33, 20, 4, 6, True, False)])
+    (3, 33, 20, 4, 6, True, False), (1, 40, 128, 4, 64, False, False)])
 def test_wmatmul_dequantizes_like_qir(target: tvm.target.Target, m: int | tirx.Var, n: int, k: int, bits: int,
                                       group: int | None, sym: bool, bias: bool) -> None:
     rng = np.random.default_rng(4)

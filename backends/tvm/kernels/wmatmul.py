@@ -126,13 +126,39 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
 
     from qir.backends.tvm.qops import _f32 as f32
 
-    def deq(n: tirx.Var, k: tirx.Var) -> tirx.PrimExpr:
-        idx = (n,) if group is None else (n, k // group)
+    def deq(n: tirx.Var, k: tirx.Var, g: tirx.PrimExpr | None = None) -> tirx.PrimExpr:
+        # ``g``: the group of ``k`` when the caller knows it as a loop variable (the grouped GEMV below), so the
+        # block parameters are read once per group instead of gathered per lane through ``k // group``.
+        idx = (n,) if group is None else (n, k // group if g is None else g)
         q = code(n, k) - zp[idx] if zp is not None else code(n, k)
         v = q.astype("float32") * f32(scale[idx])  # type: ignore[index]
         return v + f32(off[idx]) if off is not None else v  # type: ignore[index]
 
     if is_static_one(M):
+        lanes = feat.f32_lanes
+        if bits == 4 and group is not None and K % group == 0 and (group // 2) % lanes == 0:
+            # Grouped: reduce over (group, vector of bytes in the group, nibble, lane), so a vector of lanes lies
+            # inside one group and its scale / zero point / offset are one broadcast load per group.
+            # Reducing over bytes as below computes the group as ``k // group`` per lane: LLVM gathers the
+            # parameters (15 gathers in a 4-bit GEMV) and that, not memory, bounded the kernel.
+            Xd = te.compute((2, K // 2), lambda j, kb: X[0, kb * 2 + j], name="X_deint")
+            bg = group // 2
+            g = te.reduce_axis((0, K // group), name="g")
+            t = te.reduce_axis((0, bg // lanes), name="t")
+            j = te.reduce_axis((0, 2), name="j")
+            lane = te.reduce_axis((0, lanes), name="lane")
+
+            def term(n: tirx.Var) -> tirx.PrimExpr:
+                kb = g * bg + t * lanes + lane
+                return Xd[j, kb] * deq(n, kb * 2 + j, g)
+
+            C = te.compute((1, N), lambda m, n: te.sum(term(n), axis=[g, t, j, lane]), name="C")
+            Y = C if bias_t is None else te.compute((1, N), lambda m, n: C[m, n] + bias_t[n], name="Y")
+            sch = s_tir.Schedule(te.create_prim_func([*params, Y]))
+            _schedule_grouped_gemv(sch, "C", rows=2)
+            if bias_t is not None:
+                sch.reverse_compute_at(sch.get_sblock("Y"), sch.get_loops(sch.get_sblock("C"))[0])
+            return sch.mod["main"].with_attr("global_symbol", "main")
         if bits == 4:
             # Reduce over (byte, nibble) so each vector lane owns one byte and the shifts are constants
             # (a lane-varying ``(k % 2) * 4`` shift does not vectorize well).
@@ -160,3 +186,21 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
     sch = s_tir.Schedule(te.create_prim_func([*params, Y]))
     schedule_gemm(sch, feat, "C", tile.mr, tile.nr, "Y", "B_pack")
     return sch.mod["main"].with_attr("global_symbol", "main")
+
+
+def _schedule_grouped_gemv(sch: s_tir.Schedule, block: str, rows: int) -> None:
+    """The grouped 4-bit GEMV (reduction loops ``g, t, j, lane``): ``lane`` becomes a vector of partial sums
+    (``rfactor``), ``rows`` outputs at a time share each loaded activation vector; parallel over chunks of rows."""
+    c = sch.get_sblock(block)
+    _, _, _, _, _, lane = sch.get_loops(c)
+    rf = sch.rfactor(lane, 2)
+    m, n, g, t, j, lane = sch.get_loops(rf)
+    no, ni = sch.split(n, [None, rows])
+    sch.reorder(no, m, g, t, ni, j, lane)
+    sch.parallel(no)
+    sch.reverse_compute_at(c, no)
+    sch.unroll(t)
+    sch.unroll(ni)
+    sch.unroll(j)
+    sch.vectorize(lane)
+    sch.decompose_reduction(rf, g)
