@@ -309,3 +309,19 @@ def test_outlier_split_static_w8a8_matches_interpreter() -> None:
     refs = run(m, [x])
     for o, r in zip(_tvm_run(m, [x]), refs):
         np.testing.assert_allclose(o, r, rtol=2e-3, atol=2e-3 * float(np.abs(r).max()))
+
+
+def test_artifact_thread_pool_uses_every_cpu_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TVM's own default takes half the CPUs (one thread on a 2-CPU machine); a qir artifact sizes the pool."""
+    import os
+
+    from qir.backends.tvm.compile import _set_cpu_threads
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    _set_cpu_threads(None)
+    assert os.environ["TVM_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    monkeypatch.setenv("TVM_NUM_THREADS", "5")
+    _set_cpu_threads(None)  # the user's setting wins
+    assert os.environ["TVM_NUM_THREADS"] == "5"
+    _set_cpu_threads(3)  # so does an explicit load_artifact(threads=3)
+    assert os.environ["TVM_NUM_THREADS"] == "3"
