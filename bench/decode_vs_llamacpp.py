@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from timing import in_child  # bench/: this script's folder
 
 PROMPT = 512
 HERE = Path(__file__).resolve().parent
@@ -98,10 +98,6 @@ def _llama_child(path: str, threads: int, tokens: int, passes: int) -> dict[str,
     return {"system": f"llama.cpp {name}", "tok_s": tokens / best, "mb": Path(path).stat().st_size / 1e6}
 
 
-def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,13 +118,13 @@ def main() -> None:
     files = {q: src if src.name.endswith(f".{q}.gguf") else None for q in args.quants.split(",")}
     rows: list[dict[str, Any]] = []
     for q in files:
-        path = files[q] or _in_child(_quantize_child, str(src), q, str(out))
-        rows.append(_in_child(_llama_child, str(path), args.threads, args.tokens, args.passes))
+        path = files[q] or in_child(_quantize_child, str(src), q, str(out))
+        rows.append(in_child(_llama_child, str(path), args.threads, args.tokens, args.passes))
         print(f"  {rows[-1]['system']:24s} {rows[-1]['tok_s']:7.1f} tok/s", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = str(args.work or tmp)
         for preset in args.presets.split(","):
-            rows.append(_in_child(_qir_child, preset, work, args.threads, args.tokens, args.passes))
+            rows.append(in_child(_qir_child, preset, work, args.threads, args.tokens, args.passes))
             print(f"  {rows[-1]['system']:24s} {rows[-1]['tok_s']:7.1f} tok/s", file=sys.stderr, flush=True)
     ref = {r["system"].split()[-1]: r["tok_s"] for r in rows if r["system"].startswith("llama.cpp")}
     pairs = {"w8a16": "Q8_0", "w8a8": "Q8_0", "w4a16": "Q4_1"}

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import statistics
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from timing import in_child  # bench/: this script's folder
 
 THREADS = 2
 PREFILL, CONTEXT = 512, 512
@@ -98,11 +97,6 @@ def _tvm_row(preset: str, work: Path, tokens: np.ndarray, repeats: int, steps: i
             "decode_tok_s": round(tok_s, 1), "bytes": res.report["bytes"], "kernels": res.report["kernels"]}
 
 
-def _isolated(fn: Any, *args: Any) -> dict[str, Any]:
-    """``fn(*args)`` in a fresh spawned interpreter (nothing else loaded, no other thread pool)."""
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,9 +112,9 @@ def main() -> int:
     tokens = np.random.default_rng(0).integers(0, 49152, (1, PREFILL)).astype(np.int64)
     # Every system in its own fresh process: PyTorch's OpenMP threads keep spinning after its run and, in the same
     # process, halved TVM's prefill and decode speed (1.85 s against 0.89 s for the float prefill).
-    rows = [_isolated(_torch_row, tokens, args.repeats, args.tokens)]
+    rows = [in_child(_torch_row, tokens, args.repeats, args.tokens)]
     for preset in ["float"] + [p for p in args.presets.split(",") if p]:
-        rows.append(_isolated(_tvm_row, preset, work, tokens, args.repeats, args.tokens, not args.no_kernels))
+        rows.append(in_child(_tvm_row, preset, work, tokens, args.repeats, args.tokens, not args.no_kernels))
     base = rows[0]
     for r in rows:
         r["prefill_vs_torch"] = round(r["prefill_s"] / base["prefill_s"], 2)

@@ -136,29 +136,43 @@ def wmatmul(M: Dim, N: int, K: int, bits: int, group: int | None, target: tvm.ta
 
     if is_static_one(M):
         lanes = feat.f32_lanes
-        if bits == 4 and group is not None and K % group == 0 and (group // 2) % lanes == 0:
-            # Grouped: reduce over (group, vector of bytes in the group, nibble, lane), so a vector of lanes lies
-            # inside one group and its scale / zero point / offset are one broadcast load per group.
-            # Reducing over bytes as below computes the group as ``k // group`` per lane: LLVM gathers the
-            # parameters (15 gathers in a 4-bit GEMV) and that, not memory, bounded the kernel.
+        grouped = bits == 4 and group is not None and K % group == 0 and (group // 2) % lanes == 0
+        if bits == 4:
+            # Each vector lane owns one byte, so the nibble shifts are constants (a lane-varying ``(k % 2) * 4``
+            # shift does not vectorize well). X is de-interleaved first (even and odd elements as two rows, K
+            # floats: nothing next to the weight) so a vector of lanes reads consecutive floats, not every other.
             Xd = te.compute((2, K // 2), lambda j, kb: X[0, kb * 2 + j], name="X_deint")
-            bg = group // 2
-            g = te.reduce_axis((0, K // group), name="g")
-            t = te.reduce_axis((0, bg // lanes), name="t")
             j = te.reduce_axis((0, 2), name="j")
-            lane = te.reduce_axis((0, lanes), name="lane")
+            if grouped:
+                # Reduce over (group, vector of bytes in the group, nibble, lane): a vector of lanes lies inside
+                # one group, so its scale / zero point / offset are one broadcast load per group. Reducing over
+                # bytes computes the group as ``k // group`` per lane, and LLVM gathers the parameters (15 gathers
+                # in a 4-bit GEMV before this).
+                bg = group // 2  # type: ignore[operator]
+                g = te.reduce_axis((0, K // group), name="g")  # type: ignore[operator]
+                t = te.reduce_axis((0, bg // lanes), name="t")
+                lane = te.reduce_axis((0, lanes), name="lane")
 
-            def term(n: tirx.Var) -> tirx.PrimExpr:
-                kb = g * bg + t * lanes + lane
-                return Xd[j, kb] * deq(n, kb * 2 + j, g)
+                def term(n: tirx.Var) -> tirx.PrimExpr:
+                    kb = g * bg + t * lanes + lane
+                    return Xd[j, kb] * deq(n, kb * 2 + j, g)
 
-            C = te.compute((1, N), lambda m, n: te.sum(term(n), axis=[g, t, j, lane]), name="C")
-            Y = C if bias_t is None else te.compute((1, N), lambda m, n: C[m, n] + bias_t[n], name="Y")
-            sch = s_tir.Schedule(te.create_prim_func([*params, Y]))
+                C = te.compute((1, N), lambda m, n: te.sum(term(n), axis=[g, t, j, lane]), name="C")
+            else:
+                kb = te.reduce_axis((0, K // 2), name="kb")
+                C = te.compute((1, N), lambda m, n: te.sum(Xd[j, kb] * deq(n, kb * 2 + j), axis=[kb, j]), name="C")
+        else:
+            kr = te.reduce_axis((0, K), name="k")
+            C = te.compute((1, N), lambda m, n: te.sum(X[m, kr] * deq(n, kr), axis=kr), name="C")
+        Y = C if bias_t is None else te.compute((1, N), lambda m, n: C[m, n] + bias_t[n], name="Y")
+        sch = s_tir.Schedule(te.create_prim_func([*params, Y]))
+        if grouped:
             _schedule_grouped_gemv(sch, "C", rows=2)
-            if bias_t is not None:
-                sch.reverse_compute_at(sch.get_sblock("Y"), sch.get_loops(sch.get_sblock("C"))[0])
-            return sch.mod["main"].with_attr("global_symbol", "main")
+        else:
+            schedule_gemv_rows(sch, "C", feat, **(streaming_gemv(K, feat) if bits == 8 else {}))
+        if bias_t is not None:
+            sch.reverse_compute_at(sch.get_sblock("Y"), sch.get_loops(sch.get_sblock("C"))[0])
+        return sch.mod["main"].with_attr("global_symbol", "main")
         if bits == 4:
             # Reduce over (byte, nibble) so each vector lane owns one byte and the shifts are constants
             # (a lane-varying ``(k % 2) * 4`` shift does not vectorize well).
