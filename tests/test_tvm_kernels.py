@@ -128,6 +128,51 @@ def test_wmatmul_dequantizes_like_qir(target: tvm.target.Target, m: int | tirx.V
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * k)
 
 
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+@pytest.mark.parametrize("params", ["float32", "float16", "nested"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_int4_gemv_with_minimums(target: tvm.target.Target, params: str, bias: bool) -> None:
+    """The decode GEMV of the w4a16 preset (and GGUF Q4_1): unsigned nibbles, a scale and a minimum per group of 32,
+    the parameters plain (f32, f16) or two-level (``compress-scales``: u8 codes x fp16 row scale + fp16 row base).
+    The kernel factors the parameters out of the per-weight work (``sum_g s_g * sum x*q + m_g * sum x``); an odd N
+    leaves a partial chunk of rows."""
+    from qir.backends.tvm.kernels import Nested
+    from qir.backends.tvm.qops import QLayout
+
+    rng = np.random.default_rng(7)
+    n, k, group = 38, 192, 32
+    g = k // group
+    codes = rng.integers(0, 16, (n, k))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    if params == "nested":
+        lay = QLayout(axis=0, group=None, bits=8, signed=False, has_zp=False, qmin=0, qmax=255)
+        flat: list[np.ndarray] = []
+        vals = []
+        for base in (0.01, -0.5):  # the scale, then the minimum: codes, per-row fp16 scale and base
+            c = rng.integers(0, 256, (n, g)).astype(np.uint8)
+            rs = (rng.random(n) * 0.01 + 0.001).astype(np.float16)
+            rb = np.full(n, base, np.float16)
+            vals.append(c * rs.astype(np.float32)[:, None] + rb.astype(np.float32)[:, None])
+            flat += [c, rs, rb]
+        scale, minimum = vals
+        sdt: str | Nested = Nested(lay, "float16", "float16")
+    else:
+        dt = np.float32 if params == "float32" else np.float16
+        scale = (rng.random((n, g)) * 0.1 + 0.01).astype(dt)
+        minimum = (rng.standard_normal((n, g)) * 0.3).astype(dt)
+        flat = [scale, minimum]
+        sdt = params
+        scale, minimum = scale.astype(np.float32), minimum.astype(np.float32)
+    func = wmatmul(1, n, k, 4, group, target, symmetric=True, signed=False, offset=True, bias=bias,
+                   scale_dtype=sdt, offset_dtype=sdt)
+    packed = pack(codes, "u4").reshape(n, k // 2)
+    y = _run(func, target, [x, packed, *flat] + ([b] if bias else []), (1, n))
+    w = codes * np.repeat(scale, group, axis=1).astype(np.float64) + np.repeat(minimum, group, axis=1)
+    ref = x.astype(np.float64) @ w.T + (b if bias else 0)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * k)
+
+
 def test_int4_needs_even_k() -> None:
     with pytest.raises(ValueError, match="even K"):
         wmatmul(1, 8, 7, 4, None, HOST)
