@@ -289,30 +289,35 @@ def test_smollm2_w8a8_with_every_kernel_matches_interpreter() -> None:
     assert cos(built.run(feeds, function="decode")[0], run(m, feeds, function="decode")[0]).min() > 0.995
 
 
-@pytest.mark.parametrize("p", [0, 17, 39])
-def test_attention_kernel_limit_reads_only_the_filled_prefix(p: int) -> None:
+@pytest.mark.parametrize("p,isa,d", [(0, "host", 64), (17, "host", 64), (39, "host", 64), (17, "avx2", 64),
+                                       (39, "avx2", 32), (5, "host", 32), (17, "host", 24)])
+def test_attention_kernel_limit_reads_only_the_filled_prefix(p: int, isa: str, d: int) -> None:
     """The decode kernel over a static cache filled up to ``p`` (``limit``): keys ``j <= p`` only, in key tiles
-    that do not divide the cache (40 slots, tiles of 2 vectors), grouped-query heads; against numpy."""
+    that do not divide the cache (40 slots, tiles of 2 vectors), grouped-query heads; against numpy. The keys are
+    transposed in vector blocks (AVX-512: 16 x 16, AVX2: 8 x 8) where ``d`` is a whole number of vectors, one
+    element at a time otherwise (``d = 24``, with values of 32)."""
     from qir.backends.tvm.compile import tvm_target
     from qir.backends.tvm.kernels.attention import attention
 
-    target = tvm_target(load_target("tvm-llvm"))
-    hq, hkv, sk, d = 6, 2, 40, 64
-    pf = attention(1, hq, hkv, 1, sk, d, d, target, scale=0.125, limit=True)
+    target = tvm_target(load_target("tvm-llvm")) if isa == "host" else tvm.target.Target(
+        {"kind": "llvm", "mcpu": "haswell"})
+    hq, hkv, sk = 6, 2, 40
+    dv = d if d % 16 == 0 else 32
+    pf = attention(1, hq, hkv, 1, sk, d, dv, target, scale=0.125, limit=True)
     assert pf is not None
     with target:
         lib = tvm.compile(pf, target=target)
     rng = np.random.default_rng(p)
     q = rng.standard_normal((1, hq, 1, d)).astype(np.float32)
     k = rng.standard_normal((1, hkv, sk, d)).astype(np.float32)
-    v = rng.standard_normal((1, hkv, sk, d)).astype(np.float32)
+    v = rng.standard_normal((1, hkv, sk, dv)).astype(np.float32)
     k[:, :, p + 1:] = np.nan  # slots past the prefix must never be read
     v[:, :, p + 1:] = np.nan
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (q, k, v, np.array([p], np.int64),
-                                                  np.zeros((1, hq, 1, d), np.float32))]
+                                                  np.zeros((1, hq, 1, dv), np.float32))]
     lib(*args)
-    want = np.zeros((hq, d))
+    want = np.zeros((hq, dv))
     for h in range(hq):
         s = q[0, h, 0].astype(np.float64) @ k[0, h // (hq // hkv), : p + 1].T.astype(np.float64) * 0.125
         e = np.exp(s - s.max())
