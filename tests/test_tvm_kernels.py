@@ -226,3 +226,28 @@ def test_gemv_tasks_allocate_nothing_per_row(kind: str) -> None:
     bodies = _parallel_bodies(ll)
     assert bodies, "the GEMV has no parallel loop"
     assert not any("__TVMBackendAllocWorkspace" in b for b in bodies)
+
+
+def test_tvmscript_kernels_bind_their_scalars_without_allocating() -> None:
+    """In the installed TVMScript a plain ``x = expr`` inside a kernel is a mutable binding that TVM lowers to a
+    ``TVMBackendAllocWorkspace``/``Free`` pair, per iteration of the parallel loop around it; ``x: T.let = expr`` is
+    a let. SmolLM2's decode attention made ~60 such calls per task (its index arithmetic and the vectors of the key
+    transpose), the w4a8 GEMV 7 per row chunk (25 us -> 60 us per call). Only real buffers may be allocated per
+    task: the attention's transposed keys ``Kt`` and score rows ``S``."""
+    from qir.backends.tvm.kernels.attention import attention
+    from qir.backends.tvm.kernels.w4a8_gemv import w4a8_gemv
+
+    cases = {
+        "attention": (attention(1, 9, 3, 1, 1024, 64, 64, HOST, scale=0.125, limit=True), {"Kt", "S"}),
+        "qmatmul_i8": (qmatmul_i8(1, 256, 576, HOST, a_dtype="int8", a_scale="token", a_zero_point=0), set()),
+        "w4a8": (w4a8_gemv(256, 576, 32, HOST, signed=False, zp_dtype="uint8", scale="float32"), set()),
+        "w4a8_avx2": (w4a8_gemv(256, 576, 32, AVX2, signed=True, zp_dtype=None, scale="float16"), set()),
+    }
+    for name, (func, allowed) in cases.items():
+        target = AVX2 if name.endswith("avx2") else HOST
+        ll = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("ll")
+        bodies = _parallel_bodies(ll)
+        assert bodies, f"{name}: no parallel loop"
+        allocated = {m.group(1) for b in bodies for m in re.finditer(r"%([A-Za-z_][\w.]*) = tail call ptr %\d+\(i32 1, "
+                                                                     r"i32 %dev_id", b)}
+        assert {a.rstrip("0123456789") for a in allocated} <= allowed, f"{name} allocates {sorted(allocated)} per task"

@@ -78,8 +78,8 @@ def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, 
     NK, NKP = ("nk", "nkp") if limit else (SK, skp)  # noqa: N806
     p_param = "p: T.handle, " if limit else ""
     p_buf = '    P = T.match_buffer(p, (1,), "int64")\n' if limit else ""
-    p_lets = (f"\n        nk = T.max(T.min(P[0] + T.int64(1), T.int64({SK})), T.int64(0))"
-              f"\n        nkp = (nk + T.int64({tj - 1})) // T.int64({tj}) * T.int64({tj})") if limit else ""
+    p_lets = (f"\n        nk: T.let = T.max(T.min(P[0] + T.int64(1), T.int64({SK})), T.int64(0))"
+              f"\n        nkp: T.let = (nk + T.int64({tj - 1})) // T.int64({tj}) * T.int64({tj})") if limit else ""
     mask_buf = ""
     # The row being computed: g in [0, rep * Sq) -> query head hkv * rep + g // Sq, query position g % Sq.
     if mask is not None:
@@ -135,22 +135,22 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
     V = T.match_buffer(v, {shp(lv, HKV, SK, DV)}, "float32")
 {p_buf}{mask_buf}    O = T.match_buffer(o, {shp(lo, H, SQ, DV)}, "float32")
     for task in T.parallel({B} * {HKV} * {NCH}):
-        bi = task // ({HKV} * {NCH})
-        kh = task // {NCH} % {HKV}
-        ch = task % {NCH}{p_lets}
+        bi: T.let = task // ({HKV} * {NCH})
+        kh: T.let = task // {NCH} % {HKV}
+        ch: T.let = task % {NCH}{p_lets}
         Kt = T.alloc_buffer(({skp} // {TJ}, {D}, {TJ}), "float32")
         S = T.alloc_buffer(({R}, {skp}), "float32")
         # In tiles of TJ keys: the tile's rows (TJ x D floats) stay in L1 while each is read D times with a
         # stride; over the whole cache at once (d outer) every one of those reads went to L2.
 {transpose}
         for blk0 in range({CH // R}):
-            blk = ch * {CH // R} + blk0
+            blk: T.let = ch * {CH // R} + blk0
             if blk * {R} < {rows_total}:
                 # 2. bias rows (mask, causal rule, padding)
                 for rr in range({R}):
-                    g = T.min(blk * {R} + rr, {rows_total} - 1)
-                    hi = kh * {rep} + g // {SQ}
-                    qi = g % {SQ}
+                    g: T.let = T.min(blk * {R} + rr, {rows_total} - 1)
+                    hi: T.let = kh * {rep} + g // {SQ}
+                    qi: T.let = g % {SQ}
                     for j in range({NK}):
                         S[rr, j] = {bias}
                     for j in range({NK}, {NKP}):
@@ -163,7 +163,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
                             acc[rr, c] = T.float32(0)
                     for dd in range({D}):
                         for rr in T.unroll({R}):
-                            g2 = T.min(blk * {R} + rr, {rows_total} - 1)
+                            g2: T.let = T.min(blk * {R} + rr, {rows_total} - 1)
                             for c in T.vectorized({TJ}):
                                 acc[rr, c] = (acc[rr, c]
                                               + Q{q_at} * Kt[jt, dd, c])
@@ -209,7 +209,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
                             for c in T.vectorized({TD}):
                                 acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
                     for rr in range({R}):
-                        g3 = blk * {R} + rr
+                        g3: T.let = blk * {R} + rr
                         if g3 < {rows_total}:
                             for c in T.vectorized({TD}):
                                 O{o_at} = acc2[rr, c]
@@ -242,14 +242,14 @@ def _transpose_keys(lk: str, lanes: int, d: int, tj: int, nk: str, nkp: str) -> 
              f"            for db in range({d // L}):"]
     names = [f"r0_{i}" for i in range(L)]
     for i in range(L):
-        lines.append(f"{ind}{names[i]} = K{row(f'T.max(T.min(jb * {L} + {i}, {nk} - 1), 0)')}")
+        lines.append(f"{ind}{names[i]}: T.let = K{row(f'T.max(T.min(jb * {L} + {i}, {nk} - 1), 0)')}")
     stage = 0
     while (1 << stage) < L:
         new = [f"r{stage + 1}_{i}" for i in range(L)]
         for i in range(L // 2):
             a, b = names[i], names[i + L // 2]
-            lines.append(f"{ind}{new[2 * i]} = T.Shuffle([{a}, {b}], {lo})")
-            lines.append(f"{ind}{new[2 * i + 1]} = T.Shuffle([{a}, {b}], {hi})")
+            lines.append(f"{ind}{new[2 * i]}: T.let = T.Shuffle([{a}, {b}], {lo})")
+            lines.append(f"{ind}{new[2 * i + 1]}: T.let = T.Shuffle([{a}, {b}], {hi})")
         names = new
         stage += 1
     for i in range(L):

@@ -121,7 +121,7 @@ def qmatmul_vnni(M: Dim, N: int, K: int, *, a_dtype: str, a_scale: str, a_zero_p
                     f" * (AS[{as_row}] * WS[{nn}]){bias_v}\n")
     else:
         epilogue = (f"                for cc in range({NT * L}):\n"
-                    f"                    n = {cb} * {NT * L} + cc\n"
+                    f"                    n: T.let = {cb} * {NT * L} + cc\n"
                     f"                    if n < {N}:\n"
                     f"                        Y[row, n] = T.Cast(\"float32\", acc[mi, cc]{comp})"
                     f" * (AS[{as_row}] * WS[n]){bias_add}\n")
@@ -151,7 +151,7 @@ def main(a: T.handle, {w_params}, a_s: T.handle, w_s: T.handle, {bias_param}y: T
                         Wp.vload([{cb} * {NT} + nt, q, 0, 0], "int8x{4 * L}"),
                         dtype="int32x{L}")
         for mi in range({mr}):
-            row = {rb} * {mr} + mi
+            row: T.let = {rb} * {mr} + mi
             if row < {m}:
 {epilogue}'''
     func = tvm.script.from_source(src)
