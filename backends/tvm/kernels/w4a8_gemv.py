@@ -1,0 +1,197 @@
+"""The w4a8 decode GEMV: grouped 4-bit weights times int8 per-token activations, as integer dot products.
+
+``y[n] = sx * sum_g s[n, g] * (sum_{k in g} xq[k] * u[n, k] - z[n, g] * sum_{k in g} xq[k])`` (+ bias), the
+value qir's integer ``qmatmul`` path gives (``qir.ops.quantized._integer_path``) up to the order of the float
+sums over groups: ``xq`` the activation codes (symmetric int8, one scale ``sx`` per token), ``u`` the weight's
+unsigned nibbles (a signed ``i4`` code's nibble with its sign bit flipped, zero point 8), ``z`` the zero point.
+
+Why: the w4a16 GEMV converts every nibble to f32 and spends two vector FMAs per 32 weights and row on it, and
+stays compute bound (~30 Gweights/s on 2 Zen 4 cores). Here a group of 32 weights is ONE dot-product instruction
+on the packed bytes: the 16 bytes of a group are split into their low nibbles (even ``k``) and high nibbles (odd
+``k``), 32 unsigned bytes, against the group's 32 activation codes rearranged once per call to the same order
+(16 even, then 16 odd). Per ISA:
+
+* ``vnni`` (AVX512-VNNI + VL): ``vpdpbusd`` on 256 bits (u8 x s8, 8 int32 lanes += four products each);
+* ``avx2``: ``vpmaddubsw`` (u8 x s8 -> pairs summed into int16: at most ``2 * 15 * 128``, never saturates, which
+  is why 4-bit weights have an AVX2 path and the w8a8 kernel does not) then ``vpmaddwd`` with ones;
+* ``sdot`` (AArch64 +dotprod): two ``sdot`` on 16 bytes (nibbles 0..15 are valid signed bytes).
+
+Each group's int32 lanes are converted to f32 and multiplied by the group's scale (one broadcast FMA); the zero
+point term is a scalar FMA per group against the group sums of ``xq`` (computed once per call). ``rows`` output
+rows share each activation load. Needs ``group % 32 == 0`` and ``K % group == 0``.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+
+from qir.backends.tvm.kernels.common import target_of
+from qir.backends.tvm.kernels.cpu_features import features_of
+
+__all__ = ["w4a8_gemv", "w4a8_isa"]
+
+ROWS = 4  # output rows per task (they share the activation loads)
+
+
+def w4a8_isa(target: tvm.target.Target | str | dict) -> str | None:
+    """The dot-product path for ``target``: ``"vnni"``, ``"avx2"``, ``"sdot"``, or ``None`` (no kernel)."""
+    feat = features_of(target_of(target))
+    if feat is None:
+        return None
+    if feat.vnni:
+        return "vnni"
+    if feat.dotprod:
+        return "sdot"
+    if feat.avx2:
+        return "avx2"
+    return None
+
+
+def _dot(isa: str, acc: str, w: str, x: str) -> tuple[str, int]:
+    """TVMScript of ``acc += dot(w, x)`` over 32 bytes (``w`` u8x32, ``x`` int8x32), and the int32 lanes."""
+    if isa == "vnni":
+        return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), {acc}, '
+                f'T.reinterpret({w}, dtype="int8x32"), {x}, dtype="int32x8")'), 8
+    if isa == "avx2":
+        pairs = (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), '
+                 f'T.reinterpret({w}, dtype="int8x32"), {x}, dtype="int16x16")')
+        quads = (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), {pairs}, '
+                 f'T.broadcast(T.int16(1), 16), dtype="int32x8")')
+        return f"{acc} + {quads}", 8
+    if isa == "sdot":
+        lo = (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), {acc}, '
+              f'T.reinterpret(T.Shuffle([{w}], {list(range(16))}), dtype="int8x16"), '
+              f'T.Shuffle([{x}], {list(range(16))}), dtype="int32x4")')
+        return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), {lo}, '
+                f'T.reinterpret(T.Shuffle([{w}], {list(range(16, 32))}), dtype="int8x16"), '
+                f'T.Shuffle([{x}], {list(range(16, 32))}), dtype="int32x4")'), 4
+    raise ValueError(f"w4a8_gemv: unknown ISA {isa!r}")
+
+
+def _block_param(name: str, form: str | tuple[str, str, str], N: int, G: int) -> tuple[str, str, str]:
+    """(handles, buffers, value at ``[n, g]``) of a per-group parameter: ``"float32"``/``"float16"`` ``[N, G]``, or
+    two-level (``compress-scales``) ``(codes_dtype, row_scale_dtype, row_base_dtype)``: codes ``[N, G]`` and a
+    scale and a base per row, the value ``f32(code) * row_scale + row_base``."""
+    u = name.upper()
+    if isinstance(form, tuple):
+        cdt, rdt, bdt = form
+        return (f"{name}_codes: T.handle, {name}_rs: T.handle, {name}_rb: T.handle, ",
+                f'    {u}C = T.match_buffer({name}_codes, ({N}, {G}), "{cdt}")\n'
+                f'    {u}R = T.match_buffer({name}_rs, ({N},), "{rdt}")\n'
+                f'    {u}B = T.match_buffer({name}_rb, ({N},), "{bdt}")\n',
+                f'(T.Cast("float32", T.Cast("int32", {u}C[n, g])) * T.Cast("float32", {u}R[n])'
+                f' + T.Cast("float32", {u}B[n]))')
+    return (f"{name}: T.handle, ", f'    {u} = T.match_buffer({name}, ({N}, {G}), "{form}")\n',
+            f'T.Cast("float32", {u}[n, g])')
+
+
+def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict, *, signed: bool,
+              zp_dtype: str | None, scale: str | tuple[str, str, str], offset: str | tuple[str, str, str] | None = None,
+              bias: bool = False, rows: int = ROWS) -> tirx.PrimFunc | None:
+    """The scheduled kernel, or ``None`` where there is none (no dot-product ISA, ``group % 32``, ``K % group``).
+
+    Parameters in call order: ``xq [1, K] int8``, ``sx [1] f32``, ``w [N, K/2] uint8`` (two nibbles per byte, even
+    ``k`` low), the scale, ``zp [N, G] zp_dtype`` when ``zp_dtype``, the offset (a float minimum per group: ``w =
+    scale * q + offset``) when ``offset``, ``bias [N] f32`` when ``bias``, and ``y [1, N] f32``. ``scale`` and
+    ``offset`` take the forms of :func:`_block_param`. The offset adds ``offset * sum_{k in g} xq[k]`` per group
+    before the activation scale, like the zero point's term.
+    """
+    isa = w4a8_isa(target)
+    if isa is None or group % 32 or K % group or N < 1:
+        return None
+    G, chunks = K // group, group // 32
+    s_params, s_bufs, s_at = _block_param("s", scale, N, G)
+    o_params, o_bufs, o_at = _block_param("o", offset, N, G) if offset is not None else ("", "", None)
+    z_param = "z: T.handle, " if zp_dtype else ""
+    z_buf = f'    Z = T.match_buffer(z, ({N}, {G}), "{zp_dtype}")\n' if zp_dtype else ""
+    zero = ('T.Cast("float32", T.Cast("int32", Z[n, g]))' if zp_dtype else
+            ("T.float32(8)" if signed else None))
+    # The per-group term against the group sums of xq: offset - scale * zero point.
+    const = None if zero is None else f"-(SD[rr, g] * {zero})"
+    if o_at is not None:
+        const = o_at if const is None else f"{o_at} {const}"
+    b_param = "b: T.handle, " if bias else ""
+    b_buf = f'    B = T.match_buffer(b, ({N},), "float32")\n' if bias else ""
+    b_add = " + B[n]" if bias else ""
+    flip = " ^ T.broadcast(T.uint8(136), 16)" if signed else ""  # 0x88: both nibbles' sign bits
+    dot, L = _dot(isa, "iacc[rr, T.ramp(0, 1, {L})]", "wv", "xv")
+    dot = dot.replace("{L}", str(L))
+    ntask = -(-N // rows)
+    const_dec = zero_term = ""
+    if const is not None:
+        const_dec = f"                CD[rr, g] = {const}\n"
+        zero_term = f"""\
+        for rr in T.unroll({rows}):
+            for g in range({G}):
+                zacc[rr] = zacc[rr] + CD[rr, g] * XG[g]
+"""
+    body = []
+    for c in range(chunks):
+        body.append(f"""\
+            for rr in T.unroll({rows}):
+                n: T.let = T.min(t * {rows} + rr, {N - 1})
+                wb: T.let = W.vload([n, g * {group // 2} + {c * 16}], "uint8x16"){flip}
+                lo: T.let = wb & T.broadcast(T.uint8(15), 16)
+                hi: T.let = T.shift_right(wb, T.broadcast(T.uint8(4), 16))
+                wv: T.let = T.Shuffle([lo, hi], {list(range(32))})
+                xv: T.let = XP.vload([g * {group} + {c * 32}], "int8x32")
+                iacc[rr, T.ramp(0, 1, {L})] = {dot}
+""")
+    src = f'''
+@T.prim_func
+def main(xq: T.handle, xs: T.handle, w: T.handle, {s_params}{z_param}{o_params}{b_param}y: T.handle):
+    T.func_attr({{"global_symbol": "main", "tirx.noalias": True}})
+    XQ = T.match_buffer(xq, (1, {K}), "int8")
+    XS = T.match_buffer(xs, (1,), "float32")
+    W = T.match_buffer(w, ({N}, {K // 2}), "uint8")
+{s_bufs}{z_buf}{o_bufs}{b_buf}    Y = T.match_buffer(y, (1, {N}), "float32")
+    XP = T.alloc_buffer(({K},), "int8")
+    XG = T.alloc_buffer(({G},), "float32")
+    # The activation codes in the weights' nibble order (per 32: the 16 even k, then the 16 odd), and their
+    # sums per group (the zero point's term).
+    for c in range({K // 32}):
+        for i in range(16):
+            XP[c * 32 + i] = XQ[0, c * 32 + 2 * i]
+            XP[c * 32 + 16 + i] = XQ[0, c * 32 + 2 * i + 1]
+    for g in range({G}):
+        gs = T.alloc_buffer((1,), "int32")
+        gs[0] = 0
+        for i in range({group}):
+            gs[0] = gs[0] + T.Cast("int32", XQ[0, g * {group} + i])
+        XG[g] = T.Cast("float32", gs[0])
+    for t in T.parallel({ntask}):
+        facc = T.alloc_buffer(({rows}, {L}), "float32")
+        zacc = T.alloc_buffer(({rows},), "float32")
+        iacc = T.alloc_buffer(({rows}, {L}), "int32")
+        # The rows' block parameters decoded once, vectorized over the groups (decoding a two-level scale and
+        # offset per group inside the loop cost more scalar work than the dot products themselves).
+        SD = T.alloc_buffer(({rows}, {G}), "float32")
+        CD = T.alloc_buffer(({rows}, {G}), "float32")
+        for rr in T.unroll({rows}):
+            zacc[rr] = T.float32(0)
+            for c in T.vectorized({L}):
+                facc[rr, c] = T.float32(0)
+            n: T.let = T.min(t * {rows} + rr, {N - 1})
+            for g in T.vectorized({G}):
+                SD[rr, g] = {s_at}
+{const_dec}        for g in range({G}):
+            for rr in T.unroll({rows}):
+                for c in T.vectorized({L}):
+                    iacc[rr, c] = 0
+{"".join(body)}            for rr in T.unroll({rows}):
+                for c in T.vectorized({L}):
+                    facc[rr, c] = facc[rr, c] + T.Cast("float32", iacc[rr, c]) * SD[rr, g]
+{zero_term}        for rr in range({rows}):
+            n: T.let = t * {rows} + rr
+            if n < {N}:
+                tot = T.alloc_buffer((1,), "float32")
+                tot[0] = T.float32(0)
+                for c in range({L}):
+                    tot[0] = tot[0] + facc[rr, c]
+                Y[0, n] = XS[0] * (tot[0] + zacc[rr]){b_add}
+'''
+    func = tvm.script.from_source(src)
+    if isinstance(func, tvm.IRModule):
+        func = func["main"]
+    return func
