@@ -21,7 +21,7 @@ short and qir pads it, e.g. g128 on K=576 gives 5 groups, the last of 64 columns
 
 With ``symmetric=false`` weights are asymmetric: u8 / u4 codes plus a zero-point constant ``@<w>.zp``
 (stored in i8/u8). Scales are stored as **f32** (``@<w>.scale``; simple and exact).
-``zero=float`` (weight-only schemes, ``group > 0``) stores a float **minimum** per group instead of an integer zero
+``zero=float`` (``group > 0``) stores a float **minimum** per group instead of an integer zero
 point -- llama.cpp's ``Q4_1`` blocks: ``u4[..] q(axis=1, group=32, scale=@<w>.scale, offset=@<w>.min)``,
 ``w ~ scale*q + min`` over the group's own range, not widened to contain 0 (an integer zero point must lie on
 the code grid, which costs a whole code step on one-signed groups). On SmolLM2-135M, whose weights come from a
@@ -348,10 +348,6 @@ class Quantize(Pass):
             return self._table(*table), "float"
         scheme = override or self.scheme
         bits, act8 = SCHEMES[scheme.removesuffix(PER_TENSOR)]
-        if act8 and self.zero == "float":
-            raise QirError(f"quantize: zero=float (a float minimum per group) is for weight-only schemes; @{weight} "
-                           f"gets {scheme}, whose integer matmul needs an integer zero point: use zero=int, or "
-                           "w8a16/w4a16 for this weight")
         return self._format(bits, per_tensor=scheme.endswith(PER_TENSOR)), (self.act if act8 else "float")
 
     def _embedding_choice(self, weight: str) -> WeightFormat | None:

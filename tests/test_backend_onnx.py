@@ -187,6 +187,27 @@ def test_w4a8_groups_integer_path() -> None:
     np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qmatmul", ["integer", "qdq"])
+def test_w4a8_float_minimum_adds_offset_times_block_sums(qmatmul: str) -> None:
+    """w4a8 with ``zero=float`` (the ``w4a8`` preset): the minimum is outside the integer product, ``offset *
+    block sums of x`` added after it. The integer path once dropped it silently (error ~50 on this model)."""
+    from qir.passes import PassManager, parse_pipeline
+
+    rng = np.random.default_rng(4)
+    m = qir.Module("lin")
+    m.add_constant("w", rng.standard_normal((40, 64)).astype(np.float32))
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [1, "seq", 64]))
+    f.set_outputs([f.add_op("linear", [x, m.constants["w"]], names=["y"]).result])
+    for pipeline in ("quantize{scheme=w4a8,group=32,zero=float}",
+                     "quantize{scheme=w4a8,group=32,zero=float},compress-scales"):
+        q = PassManager(parse_pipeline(pipeline)).run(m)
+        xs = rng.standard_normal((1, 5, 64)).astype(np.float32)
+        (ref,) = run(q, [xs])
+        (o,) = _ort_run(lower_function(q, options=LowerOptions(qmatmul=qmatmul)).model, {"x": xs})
+        np.testing.assert_allclose(o, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
 def test_qembedding_dequantize_requantize() -> None:
     rng = np.random.default_rng(2)
     m = qir.Module("e")

@@ -110,6 +110,34 @@ def test_w4a8_groups_integer_path() -> None:
     np.testing.assert_allclose(out[1], ref[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("pipeline", ["quantize{scheme=w4a8,group=32,zero=float},compress-scales",
+                                      "quantize{scheme=w4a8,group=32,symmetric=false}",
+                                      "quantize{scheme=w4a8,group=64}"])
+def test_w4a8_decode_kernel_and_prefill_match_interpreter(pipeline: str) -> None:
+    """w4a8 (the preset's Q4_1-style float minimums, integer zero points, signed codes): one token takes the
+    integer-dot GEMV, a longer input the dequantized path; both against the interpreter's integer qmatmul."""
+    from qir.passes import PassManager, parse_pipeline
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((40, 128)).astype(np.float32)
+    b = rng.standard_normal(40).astype(np.float32)
+    for seq, kernel in ((1, "w4a8"), ("seq", "wmatmul4")):  # a static single token: the decode GEMV
+        m = qir.Module("lin")
+        m.add_constant("w", w)
+        m.add_constant("b", b)
+        f = m.add_function("main")
+        x = f.add_input("x", TensorType.of("f32", [1, seq, 128]))
+        f.set_outputs([f.add_op("linear", [x, m.constants["w"], m.constants["b"]], names=["y"]).result])
+        q = PassManager(parse_pipeline(pipeline)).run(m)
+        built = build(q, load_target("tvm-llvm"))
+        xs = rng.standard_normal((1, 1 if seq == 1 else 5, 128)).astype(np.float32)
+        (ref,) = run(q, [xs])
+        (out,) = built.run([xs])
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        if seq == 1 or "zero=float" in pipeline:
+            assert built.lowered.kernels.get(kernel) == 1, built.lowered.kernels
+
+
 def test_qembedding_dequantize_requantize_exact() -> None:
     rng = np.random.default_rng(2)
     m = qir.Module("e")

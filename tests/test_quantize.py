@@ -96,6 +96,8 @@ def test_quantize_golden(scheme: str) -> None:
     ("quantize{scheme=w4a16,group=16,rounding=gptq}", 0.10),
     ("quantize{scheme=w4a16,group=16,zero=float}", 0.10),
     ("quantize{scheme=w4a16,group=16,zero=float,rounding=gptq}", 0.10),
+    ("quantize{scheme=w4a8,group=16,zero=float}", 0.12),
+    ("calibrate,quantize{scheme=w4a8,act=static,group=16,zero=float}", 0.12),
     ("quantize{scheme=w4a16,group=16,zero=float,embedding=i4g16,head=i4g16}", 0.15),
     ("quantize{scheme=w8a16,embedding=i4g16,head=i4g16}", 0.15),
 ])
@@ -392,11 +394,39 @@ def test_gptq_with_a_float_minimum_beats_rtn_with_one() -> None:
     assert np.mean((x @ gptq.T - ref) ** 2) < 0.8 * np.mean((x @ rtn.T - ref) ** 2)
 
 
+def test_integer_path_adds_the_float_minimum_times_the_group_sums_of_x() -> None:
+    """w4a8 with a float minimum per group (llama.cpp's Q4_1 x Q8 dot): ``qmatmul`` of int8 codes is the float
+    matmul of the dequantized operands, the minimum entering as ``offset * sum over the group of x``."""
+    from qir.ops.quantized import _integer_path
+    from qir.quant import QTensor, quantize_dynamic
+    from qir.quantspec import QuantSpec
+
+    w, q = _q4_1_grid_weight(8, n=6, k=96)
+    codes, scale, low = rtn_quantize(w, "u4", group=32, symmetric=False, minimum=True)
+    wq = QTensor(codes, scale, None, QuantSpec(axis=1, group_size=32, scale="s", offset="m", symmetric=False), low)
+    x = np.random.default_rng(3).standard_normal((3, 96)).astype(np.float32)
+    xq = quantize_dynamic(x, QuantSpec(axis=1, group_size=96, dynamic=True), "i8")
+    want = xq.dequantize().astype(np.float64) @ wq.dequantize().astype(np.float64).T
+    np.testing.assert_allclose(_integer_path(xq, wq), want, rtol=1e-5, atol=1e-5)
+
+
+def test_w4a8_with_a_float_minimum_keeps_q4_1_blocks() -> None:
+    w, _ = _q4_1_grid_weight(9, n=16, k=64)
+    m = Module("lin")
+    m.add_constant("w", w)
+    f = m.add_function("main")
+    x = f.add_input("x", TensorType.of("f32", [1, "seq", 64]))
+    f.set_outputs([f.add_op("linear", [x, m.constants["w"]], names=["y"]).result])
+    out = run_pipeline(m, "quantize{scheme=w4a8,group=32,zero=float}")
+    t = out.constants["w"].type
+    assert t.dtype.name == "u4" and t.quant.offset == "w.min" and out.main.find_ops("quantize")
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 5, 64)).astype(np.float32)}
+    assert rel_err(run_out(out, feed), run_out(m, feed)) < 0.01  # only the int8 activations are rounded
+
+
 def test_zero_float_refuses_what_it_cannot_express() -> None:
     with pytest.raises(QirError, match="give a group size"):
         run_pipeline(tiny_lm(), "quantize{scheme=w4a16,zero=float}")
-    with pytest.raises(QirError, match="weight-only schemes"):
-        run_pipeline(tiny_lm(), "quantize{scheme=w8a8,group=16,zero=float}")
     with pytest.raises(QirError, match="unsigned codes"):
         rtn_quantize(np.ones((2, 32), np.float32), "i4", group=32, symmetric=False, minimum=True)
 

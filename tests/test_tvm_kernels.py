@@ -173,6 +173,68 @@ def test_grouped_int4_gemv_with_minimums(target: tvm.target.Target, params: str,
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * k)
 
 
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+@pytest.mark.parametrize(("signed", "zp", "offset", "group"), [
+    (False, True, None, 32), (True, False, None, 64), (False, False, "float16", 32), (False, False, "nested", 64)])
+def test_w4a8_gemv_matches_the_integer_path(target: tvm.target.Target, signed: bool, zp: bool, offset: str | None,
+                                            group: int) -> None:
+    """The w4a8 decode GEMV against qir's integer ``qmatmul`` (numpy): int8 per-token codes times 4-bit codes in
+    groups, zero points (u4), signed codes (i4), float minimums plain or two-level; an N that leaves a partial
+    chunk of rows. Host: ``vpdpbusd`` where VNNI exists; AVX2: ``vpmaddubsw`` + ``vpmaddwd``."""
+    from qir.backends.tvm.kernels import w4a8_gemv
+
+    rng = np.random.default_rng(11)
+    n, k = 37, 192
+    g = k // group
+    codes = rng.integers(-8, 8, (n, k)) if signed else rng.integers(0, 16, (n, k))
+    z = rng.integers(0, 16, (n, g)).astype(np.uint8)
+    s = (rng.random((n, g)) * 0.1).astype(np.float32)
+    xq = rng.integers(-127, 128, (1, k)).astype(np.int8)
+    sx = np.array([0.02], np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    oargs: list[np.ndarray] = []
+    ov = np.zeros((n, g), np.float32)
+    oform: str | tuple[str, str, str] | None = None
+    if offset == "float16":
+        o = (rng.standard_normal((n, g)) * 0.3).astype(np.float16)
+        oargs, ov, oform = [o], o.astype(np.float32), "float16"
+    elif offset == "nested":
+        c = rng.integers(0, 256, (n, g)).astype(np.uint8)
+        r = (rng.random(n) * 0.01).astype(np.float16)
+        base = np.full(n, -0.5, np.float16)
+        oargs, oform = [c, r, base], ("uint8", "float16", "float16")
+        ov = c * r.astype(np.float32)[:, None] + base.astype(np.float32)[:, None]
+    func = w4a8_gemv(n, k, group, target, signed=signed, zp_dtype="uint8" if zp else None, scale="float32",
+                     offset=oform, bias=True)
+    assert func is not None
+    args = [xq, sx, pack(codes, "i4" if signed else "u4").reshape(n, k // 2), s] + ([z] if zp else []) + oargs + [b]
+    y = _run(func, target, args, (1, n))
+    wz = codes - (np.repeat(z, group, 1).astype(np.int64) if zp else 0)
+    w = wz * np.repeat(s, group, 1).astype(np.float64) + np.repeat(ov, group, 1)
+    ref = sx[0] * (xq.astype(np.float64) @ w.T) + b
+    np.testing.assert_allclose(y[0], ref[0], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_w4a8_gemv_instructions_per_isa() -> None:
+    """One dot-product instruction per group: ``vpdpbusd`` with VNNI, ``vpmaddubsw`` on AVX2 only, ``sdot`` on
+    AArch64 (cross-compiled, not run); no kernel without any of them (SSE)."""
+    from qir.backends.tvm.kernels import w4a8_gemv
+
+    def asm(target: tvm.target.Target) -> str:
+        f = w4a8_gemv(64, 128, 32, target, signed=False, zp_dtype="uint8", scale="float16")
+        return tvm.compile(tvm.IRModule({"main": f}), target=target).mod.inspect_source("asm")
+
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert re.search(r"^\s+vpdpbusd\s", asm(zen4), re.M)
+    zen3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
+    a = asm(zen3)
+    assert re.search(r"^\s+vpmaddubsw\s", a, re.M) and not re.search(r"vpdpbusd", a)
+    assert re.search(r"^\s+sdot\s", asm(ARM), re.M)
+    assert w4a8_gemv(64, 128, 32, tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"}), signed=False,
+                     zp_dtype=None, scale="float32") is None
+    assert w4a8_gemv(64, 96, 48, HOST, signed=False, zp_dtype=None, scale="float32") is None  # group % 32
+
+
 def test_int4_needs_even_k() -> None:
     with pytest.raises(ValueError, match="even K"):
         wmatmul(1, 8, 7, 4, None, HOST)

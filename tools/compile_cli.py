@@ -39,6 +39,7 @@ PRESETS: dict[str, str] = {
     "w8a8-smooth": "calibrate,fold-scales{smooth=0.5},quantize{scheme=w8a8}",
     "w8a16": "quantize{scheme=w8a16}",
     "w4a16": "quantize{scheme=w4a16,group=32,zero=float},compress-scales",
+    "w4a8": "quantize{scheme=w4a8,group=32,zero=float},compress-scales",
     "w4a16-mixed": 'mixed-precision{budget=5.5,candidates="8,4g32,4"},dce',
     "w4a16-split": 'split-vocab{hot=8192},quantize{scheme=w4a16,group=32,zero=float,overrides="*.hot=i8;*.cold=i4g32"},'
                    'compress-scales',
@@ -56,6 +57,8 @@ PRESET_MEANING: dict[str, str] = {
     "w8a16": "int8 weights per output channel, float activations (the default: +0.45% perplexity on SmolLM2)",
     "w4a16": "int4 weights in groups of 32 with a float scale and minimum per group (llama.cpp's Q4_1 blocks), "
              "those stored as 8 bits against one fp16 pair per row (compress-scales); float activations",
+    "w4a8": "w4a16's weights (Q4_1-style groups of 32, compressed scales and minimums) with int8 activations per "
+            "token at run time, as llama.cpp's Q4_1 x Q8 dot product: integer dot products on tvm-llvm",
     "w4a16-mixed": "8 or 4 bits per weight tensor, chosen by Hessian-weighted sensitivity on calibration text "
                    "under a 5.5 bits/param budget",
     "w4a16-split": "w4a16, and the embedding table / tied head split by token frequency on calibration text: the "

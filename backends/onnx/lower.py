@@ -1036,10 +1036,18 @@ class _Lowerer:
             y = self.fallback_matmul(x, w, final, h)
         elif x.type.quant is None:
             y = self.weight_only(x, w, final, h)
-        elif self.opts.qmatmul == "qdq":
-            y = self.qmatmul_qdq(x, w, final, h)
         else:
-            y = self.qmatmul_integer(x, w, final, h)
+            # A float minimum per group (w4a8 with zero=float) is not part of the integer product: it adds
+            # offset * (block sums of the dequantized x), as the interpreter's integer path does.
+            off = self.offset_data(w.type)
+            main_out = final if off is None else None
+            if self.opts.qmatmul == "qdq":
+                y = self.qmatmul_qdq(x, w, main_out, h)
+            else:
+                y = self.qmatmul_integer(x, w, main_out, h)
+            if off is not None:
+                xf = self.x_dequantized(x, h)
+                y = self.node("Add", [y, self.offset_term(xf, x.type.rank, w, off, h)], final, hint=h)
         if len(op.operands) > 2:
             b = self.val(op.operands[2])
             if op.operands[2].type.dtype.name != "f32":
@@ -1229,15 +1237,21 @@ class _Lowerer:
         return blob
 
     def qmatmul_qdq(self, x: Value, w: Value, out: str | None, h: str) -> str:
+        return self.node("MatMul", [self.x_dequantized(x, h), self.weight_t_dq(w, h)], out, hint=h)
+
+    def x_dequantized(self, x: Value, h: str) -> str:
+        """The float value of a quantized activation ``x`` (its codes times its scale, as stored here)."""
         xq = self.qvalue(x)
         t = x.type
         assert t.quant is not None
         if xq.q_scale is not None:
             kw: dict[str, Any] = {"axis": t.quant.axis} if t.quant.axis is not None else {}
-            xf = self.node("DequantizeLinear", [xq.codes, xq.q_scale, xq.q_zp], hint=f"{h}::x", **kw)
-        else:
-            xf = self.dequant_explicit(xq, None, f"{h}::x")
-        return self.node("MatMul", [xf, self.weight_t_dq(w, h)], out, hint=h)
+            return self.node("DequantizeLinear", [xq.codes, xq.q_scale, xq.q_zp], hint=f"{h}::x", **kw)
+        if xq.u8 is not None and xq.codes == xq.u8:  # only the uint8 copy (int8 codes + 128) was emitted
+            c = self.node("Cast", [xq.u8], hint=f"{h}::x", to=TensorProto.FLOAT)
+            c = self.node("Sub", [c, self.lit(128.0, np.float32)], hint=f"{h}::x")
+            return self.node("Mul", [c, xq.scale_b], hint=f"{h}::x")
+        return self.dequant_explicit(xq, None, f"{h}::x")
 
     def act_codes(self, x: Value, xq: _QInfo, h: str) -> tuple[str, str | None]:
         """The activation codes ``MatMulInteger`` reads and their zero point (``u8`` + 128 for symmetric i8)."""

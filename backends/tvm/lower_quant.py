@@ -231,10 +231,19 @@ class QuantLowering:
         if not isinstance(n, int) or not isinstance(k, int):
             raise self.fail(op, "the weight needs fixed sizes")
         out_dt = tvm_dtype(op.result.type.dtype)
-        if isinstance(x, QVal):
-            if w.offset is not None:  # type inference refuses it too; say so here should a module skip it
-                raise self.fail(op, f"the weight {op.operands[1].ref} has an offset (x = scale*q + offset), which "
-                                    "the integer path cannot fold into its int32 accumulator; feed x as float")
+        y = self._kernel_w4a8(op, x, w, b, n, k) if isinstance(x, QVal) else None
+        if y is not None:
+            pass
+        elif isinstance(x, QVal) and w.offset is not None:
+            # A float minimum per group (w4a8 with zero=float) outside the decode kernel: the float product of the
+            # dequantized operands (the interpreter's integer path up to float rounding), which takes the weight-
+            # only kernels (a prefill GEMM dequantizes the weight once per call either way).
+            xf = self._dequantize(x, "float32", None)
+            xt = x.type.with_quant(None).with_dtype("f32")
+            y = self._kernel_wmatmul(op, xf, w, b, n, k, xt)
+            if y is None:
+                y = self._te_wmatmul(op, xf, w, b, n, k, out_dt)
+        elif isinstance(x, QVal):
             w = QVal(w.codes, self._f32(w.scale), w.zp, w.lay, w.type)
             y = self._kernel_qmatmul_i8(op, x, w, b, n, k)
             if y is None:
@@ -258,14 +267,7 @@ class QuantLowering:
         else:
             y = self._kernel_wmatmul(op, x, w, b, n, k)
             if y is None:
-                self.kernel_counts["te:wmatmul"] = self.kernel_counts.get("te:wmatmul", 0) + 1
-                args = [x, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
-
-                def wfn(X: Any, WQ: Any, *rest: Any) -> Any:
-                    sw, zw, ow, bias = self._te_params(iter(rest), w.scale, w.zp, w.offset, b)
-                    return qops.wmatmul_te(X, WQ, sw, zw, w.lay, n, k, bias, ow)
-
-                y = self.emit_te(wfn, args, "wmatmul", None if out_dt != "float32" else op.result)
+                y = self._te_wmatmul(op, x, w, b, n, k, out_dt)
         if out_dt != "float32":
             y = self.emit(self.relax.op.astype(y, out_dt), op.result)
         self.names[op.result.name] = y.name
@@ -399,18 +401,69 @@ class QuantLowering:
         args = [x2, *wargs, sx, sw] + ([b] if b is not None else [])
         return self._call_kernel(op, prim, "qmatmul_i8_k", args, m, n, x.type)
 
-    def _kernel_wmatmul(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
+    def _te_wmatmul(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int, out_dt: str) -> Any:
+        """The weight-only ``qmatmul`` as a plain TE compute (no scheduled kernel for this case)."""
+        self.kernel_counts["te:wmatmul"] = self.kernel_counts.get("te:wmatmul", 0) + 1
+        args = [x, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
+
+        def wfn(X: Any, WQ: Any, *rest: Any) -> Any:
+            sw, zw, ow, bias = self._te_params(iter(rest), w.scale, w.zp, w.offset, b)
+            return qops.wmatmul_te(X, WQ, sw, zw, w.lay, n, k, bias, ow)
+
+        return self.emit_te(wfn, args, "wmatmul", None if out_dt != "float32" else op.result)
+
+    def _kernel_w4a8(self, op: Op, x: QVal, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
+        """The w4a8 decode GEMV (:mod:`~qir.backends.tvm.kernels.w4a8_gemv`) for one token of symmetric int8
+        per-token codes times a 4-bit weight in groups of 32s along K, or ``None``."""
+        kern = self._kernels()
+        xt, wl = x.type, w.lay
+        if kern is None or wl.bits != 4 or wl.axis != 1 or not wl.group or wl.group % 32 or k % wl.group:
+            return None
+        if wl.has_zp and wl.signed:
+            return None
+        if xt.dtype.name != "i8" or x.zp is not None or x.lay.axis != xt.rank - 1 or x.lay.group is None:
+            return None
+        x2, m = self._rows(x.codes, xt)
+        if not (isinstance(m, int) and m == 1) and not (isinstance(m, self.tir.IntImm) and int(m.value) == 1):
+            return None
+
+        def form(p: Any) -> Any:
+            if isinstance(p, QVal):
+                if p.zp is not None or p.offset is None or p.lay.axis != 0 or p.lay.group is not None:
+                    return False
+                return (p.codes.ty.dtype, p.scale.ty.dtype, p.offset.ty.dtype)
+            return p.ty.dtype if p.ty.dtype in ("float32", "float16") else False
+
+        sform = form(w.scale)
+        oform = form(w.offset) if w.offset is not None else None
+        if sform is False or oform is False:
+            return None
+        zdt = w.zp.ty.dtype if w.zp is not None else None
+        try:
+            prim = kern.w4a8_gemv(n, k, wl.group, self.target, signed=wl.signed, zp_dtype=zdt, scale=sform,
+                                  offset=oform, bias=b is not None)
+        except Exception:  # noqa: BLE001 - a kernel that cannot be built falls back to the other lowerings
+            prim = None
+        if prim is None:
+            return None
+        sx = self.bb.emit(self.relax.op.reshape(x.scale, [1]))
+        args = [x2, sx, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
+        return self._call_kernel(op, prim, "w4a8_k", args, 1, n, xt)
+
+    def _kernel_wmatmul(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int,
+                        xt: TensorType | None = None) -> Any | None:
         kern = self._kernels()
         if kern is None:
             return None
+        xt = xt or op.operands[0].type
         wl = w.lay
         if wl.bits not in (4, 8) or (wl.axis is not None and wl.axis != (1 if wl.group else 0)):
             return None
-        if wl.axis is None or (wl.bits == 4 and k % 2) or op.operands[0].type.dtype.name != "f32":
+        if wl.axis is None or (wl.bits == 4 and k % 2) or xt.dtype.name != "f32":
             return None
         if wl.has_zp and wl.signed:  # the kernel's zero points go with unsigned codes (qir's asymmetric specs)
             return None
-        x2, m = self._rows(x, op.operands[0].type)
+        x2, m = self._rows(x, xt)
         sdt, odt = self._kernel_param_dtype(kern, w.scale), self._kernel_param_dtype(kern, w.offset)
         try:
             prim = kern.wmatmul(self._m_arg(m), n, k, wl.bits, wl.group or 0, self.target,
@@ -421,7 +474,7 @@ class QuantLowering:
         if prim is None:
             return None
         args = [x2, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
-        return self._call_kernel(op, prim, f"wmatmul{wl.bits}_k", args, m, n, op.operands[0].type)
+        return self._call_kernel(op, prim, f"wmatmul{wl.bits}_k", args, m, n, xt)
 
     @staticmethod
     def _kernel_param_dtype(kern: Any, p: Any) -> Any:

@@ -178,9 +178,9 @@ def _qmatmul_infer(types: Sequence[TensorType], attrs: Mapping[str, Any], declar
         if not x.dtype.is_integer:
             fail(op, f"x {x} must be stored as integers")
         assert w.quant is not None
-        if w.quant.offset is not None:
-            fail(op, f"w {w} has an offset (x = scale*q + offset), which the integer path cannot fold into its "
-                     f"int32 accumulator; feed x as float (weight-only)")
+        if w.quant.offset is not None and kind != "group":
+            fail(op, f"w {w} has an offset (x = scale*q + offset) but no groups along K; the integer path adds "
+                     f"offset * sum(x) per group of K (a float minimum per block, llama.cpp's Q4_1 x Q8 dot)")
         if not _x_is_constant_along_k(x, k):
             fail(op, f"x {x} must be quantized with parameters constant along its last axis: per tensor, "
                      f"per token (axis={x.rank - 1}, group >= {k}) or per axis on another axis")
@@ -257,6 +257,12 @@ def _integer_path(x: QTensor, w: QTensor) -> Array:
         else:
             scale = (np.asarray(sx, np.float32) * sw).astype(np.float32)
             term = acc.astype(np.float32) * scale
+        if w.offset is not None:
+            # A float minimum per group (w = scale*q + offset): offset * sum over the group of x, whose codes sum
+            # exactly in int64 (xf holds integers); x's scale applied after, as for the products.
+            xsum = xf[..., lo:hi].sum(axis=-1, keepdims=True).astype(np.float32)
+            term = term + (xsum * np.asarray(w.offset, np.float32)[:, g]).astype(np.float32) * np.asarray(
+                sx, np.float32)
         y = term if y is None else y + term
     if y is None:  # K == 0
         y = np.zeros(x.shape[:-1] + (n,), np.float32)

@@ -62,6 +62,10 @@ scale_dtype="float32", offset_dtype="float32")``
     qir's dynamic per-token ``quantize`` (range, scale, zero point and codes, bit-exact) in one kernel:
     :mod:`qir.backends.tvm.kernels.quantize_rows`.
 
+``w4a8_gemv(N, K, group, target, *, signed, zp_dtype, scale, offset=None, bias=False)``
+    The w4a8 decode GEMV: 4-bit grouped weights times int8 per-token codes, one dot-product instruction per
+    group of 32 (``vpdpbusd``, AVX2 ``vpmaddubsw``, ``sdot``): :mod:`qir.backends.tvm.kernels.w4a8_gemv`.
+
 ``norm_rows(M, K, target, *, kind, eps)``
     ``layer_norm`` / ``rms_norm`` over the last axis, one row per task: :mod:`qir.backends.tvm.kernels.norm_rows`.
     ``mathfn`` holds the vectorizable ``exp``/``erf``/``gelu``.
@@ -81,7 +85,8 @@ from qir.backends.tvm.kernels.matmul_f32 import matmul_f32
 from qir.backends.tvm.kernels.norm_rows import norm_rows
 from qir.backends.tvm.kernels.qmatmul_i8 import prepack_isa, qmatmul_i8
 from qir.backends.tvm.kernels.quantize_rows import quantize_rows
+from qir.backends.tvm.kernels.w4a8_gemv import w4a8_gemv
 from qir.backends.tvm.kernels.wmatmul import Nested, wmatmul
 
 __all__ = ["CpuFeatures", "Nested", "attention", "features_of", "mathfn", "matmul_f32", "norm_rows", "prepack_isa",
-           "qmatmul_i8", "qmatmul_vnni", "quantize_rows", "wmatmul"]
+           "qmatmul_i8", "qmatmul_vnni", "quantize_rows", "w4a8_gemv", "wmatmul"]
