@@ -362,13 +362,19 @@ def test_float_minimum_finds_q4_1_blocks_again_and_integer_zero_points_do_not() 
     assert np.abs(np.repeat(s2, 32, 1) * (c2 - np.repeat(z2, 32, 1)) - w).max() > 1e-3
 
 
-def test_zero_float_through_the_pass_is_an_offset_spec_and_lossless_on_grid_weights() -> None:
-    w, _ = _q4_1_grid_weight(6, n=16, k=64)
+def _one_linear(w: np.ndarray) -> Module:
+    """``y = linear(x, @w)`` over ``x [1, seq, K]``."""
     m = Module("lin")
     m.add_constant("w", w)
     f = m.add_function("main")
-    x = f.add_input("x", TensorType.of("f32", [1, "seq", 64]))
+    x = f.add_input("x", TensorType.of("f32", [1, "seq", int(w.shape[1])]))
     f.set_outputs([f.add_op("linear", [x, m.constants["w"]], names=["y"]).result])
+    return m
+
+
+def test_zero_float_through_the_pass_is_an_offset_spec_and_lossless_on_grid_weights() -> None:
+    w, _ = _q4_1_grid_weight(6, n=16, k=64)
+    m = _one_linear(w)
     out = run_pipeline(m, "quantize{scheme=w4a16,group=32,zero=float}")
     t = out.constants["w"].type
     assert t.dtype.name == "u4" and t.quant.offset == "w.min" and t.quant.zero_point is None
@@ -412,11 +418,7 @@ def test_integer_path_adds_the_float_minimum_times_the_group_sums_of_x() -> None
 
 def test_w4a8_with_a_float_minimum_keeps_q4_1_blocks() -> None:
     w, _ = _q4_1_grid_weight(9, n=16, k=64)
-    m = Module("lin")
-    m.add_constant("w", w)
-    f = m.add_function("main")
-    x = f.add_input("x", TensorType.of("f32", [1, "seq", 64]))
-    f.set_outputs([f.add_op("linear", [x, m.constants["w"]], names=["y"]).result])
+    m = _one_linear(w)
     out = run_pipeline(m, "quantize{scheme=w4a8,group=32,zero=float}")
     t = out.constants["w"].type
     assert t.dtype.name == "u4" and t.quant.offset == "w.min" and out.main.find_ops("quantize")
