@@ -289,6 +289,10 @@ class TvmArtifact(_artifact_base()):  # type: ignore[misc]
                     "runtime")
         return None
 
+    def load(self) -> None:
+        """Load the library and the parameters now (else the first run does)."""
+        self._load()
+
     def _load(self) -> None:
         if self._vm is not None:
             return
