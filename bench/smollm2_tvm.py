@@ -97,7 +97,6 @@ def _tvm_row(preset: str, work: Path, tokens: np.ndarray, repeats: int, steps: i
             "decode_tok_s": round(tok_s, 1), "bytes": res.report["bytes"], "kernels": res.report["kernels"]}
 
 
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="w8a16,w8a8,w4a16")

@@ -231,9 +231,8 @@ class QuantLowering:
         if not isinstance(n, int) or not isinstance(k, int):
             raise self.fail(op, "the weight needs fixed sizes")
         out_dt = tvm_dtype(op.result.type.dtype)
-        y = self._kernel_w4a8(op, x, w, b, n, k) if isinstance(x, QVal) else None
-        if y is not None:
-            pass
+        if isinstance(x, QVal) and (y := self._kernel_w4a8(op, x, w, b, n, k)) is not None:
+            pass  # one token of int8 codes times grouped 4-bit weights: integer dot products
         elif isinstance(x, QVal) and w.offset is not None:
             # A float minimum per group (w4a8 with zero=float) outside the decode kernel: the float product of the
             # dequantized operands (the interpreter's integer path up to float rounding), which takes the weight-
@@ -423,8 +422,7 @@ class QuantLowering:
             return None
         if xt.dtype.name != "i8" or x.zp is not None or x.lay.axis != xt.rank - 1 or x.lay.group is None:
             return None
-        x2, m = self._rows(x.codes, xt)
-        if not (isinstance(m, int) and m == 1) and not (isinstance(m, self.tir.IntImm) and int(m.value) == 1):
+        if any(d != 1 for d in xt.shape[:-1]):  # a static single token only (a symbolic dim is not 1 either)
             return None
 
         def form(p: Any) -> Any:
@@ -446,6 +444,7 @@ class QuantLowering:
             prim = None
         if prim is None:
             return None
+        x2, _ = self._rows(x.codes, xt)
         sx = self.bb.emit(self.relax.op.reshape(x.scale, [1]))
         args = [x2, sx, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
         return self._call_kernel(op, prim, "w4a8_k", args, 1, n, xt)

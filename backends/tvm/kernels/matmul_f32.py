@@ -147,7 +147,7 @@ def schedule_gemv_rows(sch: s_tir.Schedule, block: str, feat: CpuFeatures, rows:
     (49152 x 576) streamed at 10.4 GB/s with 8 rows, 17.6 GB/s with 1 row, 18.3 GB/s with 1 row of 2 vectors.
     A memory-bound GEMV (f32, int8) therefore takes ``rows=1, vectors=2``; an int4 GEMV spends more instructions
     per byte on unpacking and keeps several rows (8 here: 10.7 GB/s of codes against 8.1 with 1 row; the grouped
-    int4 GEMV of ``wmatmul`` has its own schedule, 2 rows).
+    int4 GEMV of ``wmatmul`` is a kernel of its own, ``_grouped_gemv4``).
     """
     lanes = feat.f32_lanes * vectors
     c = sch.get_sblock(block)

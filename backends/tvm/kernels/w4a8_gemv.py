@@ -17,8 +17,9 @@ on the packed bytes: the 16 bytes of a group are split into their low nibbles (e
 * ``sdot`` (AArch64 +dotprod): two ``sdot`` on 16 bytes (nibbles 0..15 are valid signed bytes).
 
 Each group's int32 lanes are converted to f32 and multiplied by the group's scale (one broadcast FMA); the zero
-point term is a scalar FMA per group against the group sums of ``xq`` (computed once per call). ``rows`` output
-rows share each activation load. Needs ``group % 32 == 0`` and ``K % group == 0``.
+point and minimum terms are one dot product of length ``G`` per row against the group sums of ``xq`` (computed
+once per call). ``rows`` output rows share each activation load, and decode their block parameters once. Needs
+``group % 32 == 0`` and ``K % group == 0``.
 """
 
 from __future__ import annotations
@@ -39,13 +40,9 @@ def w4a8_isa(target: tvm.target.Target | str | dict) -> str | None:
     feat = features_of(target_of(target))
     if feat is None:
         return None
-    if feat.vnni:
-        return "vnni"
-    if feat.dotprod:
-        return "sdot"
-    if feat.avx2:
-        return "avx2"
-    return None
+    if feat.int8_path != "generic":  # the int8 kernels' dot-product ISA (vnni, sdot)
+        return feat.int8_path
+    return "avx2" if feat.avx2 else None  # exact for 4-bit weights (see the module docstring)
 
 
 def _dot(isa: str, acc: str, w: str, x: str) -> tuple[str, int]:
