@@ -8,6 +8,7 @@ Built-in passes register on import (the table is :data:`qir.passes.registry.PASS
 
 import qir.passes.compress_scales  # noqa: F401  (registers compress-scales)
 import qir.passes.fold_scales  # noqa: F401  (registers fold-scales)
+import qir.passes.merge_siblings  # noqa: F401  (registers merge-siblings)
 import qir.passes.mixed_precision  # noqa: F401  (registers mixed-precision)
 import qir.passes.outlier_split  # noqa: F401  (registers outlier-split)
 import qir.passes.split_vocab  # noqa: F401  (registers split-vocab)

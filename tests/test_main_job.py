@@ -77,7 +77,7 @@ def test_show_pipeline_for_every_preset() -> None:
 def test_compile_writes_report_json_html_and_plots(compiled: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     out, proc = compiled
     rep = json.loads((out / "report.json").read_text())
-    assert rep["preset"] == "w8a16" and rep["pipeline"] == "quantize{scheme=w8a16}"
+    assert rep["preset"] == "w8a16" and rep["pipeline"] == "quantize{scheme=w8a16},merge-siblings"
     tot = rep["totals"]
     assert tot["float_bytes"] == 4 * tot["params"]
     assert 8.0 < tot["bits_per_param"] < 9.0  # int8 codes + one f32 scale per row

@@ -86,9 +86,11 @@ def _granularity(t: Any) -> str:
 def layer_rows(float_module: Module, module: Module) -> list[dict[str, Any]]:
     """One row per weight of ``float_module`` as ``module`` stores it (see the module docstring)."""
     from qir.interpreter import RunContext
+    from qir.passes.merge_siblings import stacked_sources
     from qir.quant import QTensor
 
     ctx = RunContext(module)
+    stacked = stacked_sources(float_module, module)  # q/k/v stacked by merge-siblings: each keeps its own row
     ref_ctx = RunContext(float_module)  # the input may itself be quantized (a .qir from qir quantize): dequantize it
     params_of = {ref for m in (float_module, module) for c in m.constants.values() if c.type.quant is not None
                  for ref in c.type.quant.constant_refs}  # scales and zero points are not layers of their own
@@ -96,30 +98,36 @@ def layer_rows(float_module: Module, module: Module) -> list[dict[str, Any]]:
     for c in float_module.constants.values():
         if len(c.type.shape) < 2 or not c.type.is_static or c.name.startswith("calib.") or c.name in params_of:
             continue
-        if c.name not in module.constants:
+        where = stacked.get(c.name)
+        stored = where.stacked if where is not None else c.name
+        if stored not in module.constants:
             rows.append({"name": c.name, "dtype": "-", "bits": None, "granularity": "replaced", "params":
                          c.type.numel(), "bytes": 0, "rel_error": None})
             continue
-        qc = module.constant(c.name)
+        qc = module.constant(stored)
         t = qc.type
         nbytes = t.nbytes()
         if t.quant is not None:
             for ref in t.quant.constant_refs:
                 if ref in module.constants:
                     nbytes += module.constant(ref).type.nbytes()
+        if where is not None:  # its share of the stack (every row costs the same)
+            nbytes = nbytes * (where.end - where.start) // int(t.shape[0])  # type: ignore[arg-type]
         rel: float | None
         try:
             ref = ref_ctx.constant(c.name)
             w = ref.dequantize() if isinstance(ref, QTensor) else np.asarray(ref, dtype=np.float32)
             w = np.asarray(w, dtype=np.float32)
-            data = ctx.constant(c.name)
+            data = ctx.constant(stored)
             wq = data.dequantize() if isinstance(data, QTensor) else np.asarray(data, dtype=np.float32)
+            if where is not None:
+                wq = wq[where.start:where.end]
             denom = float(np.linalg.norm(w))
             rel = float(np.linalg.norm(wq.astype(np.float32) - w)) / denom if denom > 0 else 0.0
         except (QirError, ValueError):
             rel = None  # a layout the dequantizer does not know (e.g. a codebook): shown as n/a, never made up
         rows.append({"name": c.name, "dtype": str(t.dtype), "bits": t.dtype.bits, "granularity": _granularity(t),
-                     "params": t.numel(), "bytes": nbytes, "rel_error": rel})
+                     "params": c.type.numel(), "bytes": nbytes, "rel_error": rel})
     return rows
 
 
@@ -132,6 +140,7 @@ def output_errors(float_module: Module, module: Module, feed: dict[str, np.ndarr
     does not store in a way :class:`~qir.interpreter.RunContext` can dequantize are left out.
     """
     from qir.interpreter import Interpreter, RunContext
+    from qir.passes.merge_siblings import stacked_sources
     from qir.quant import QTensor
 
     func = float_module.function(function)
@@ -141,10 +150,15 @@ def output_errors(float_module: Module, module: Module, feed: dict[str, np.ndarr
             readers.setdefault(id(op.operands[0]), []).append(op.operands[1].name)
     ctx, ref_ctx = RunContext(module), RunContext(float_module)
     sums: dict[str, list[float]] = {}
+    stacked = stacked_sources(float_module, module)
 
     def dense(c: RunContext, name: str) -> np.ndarray:
         data = c.constant(name)
         return np.asarray(data.dequantize() if isinstance(data, QTensor) else data, dtype=np.float32)
+
+    def stored(name: str) -> np.ndarray:
+        where = stacked.get(name)
+        return dense(ctx, name) if where is None else dense(ctx, where.stacked)[where.start:where.end]
 
     def observe(value: Any, data: Any) -> None:
         names = readers.get(id(value))
@@ -153,10 +167,10 @@ def output_errors(float_module: Module, module: Module, feed: dict[str, np.ndarr
         x = np.asarray(data.dequantize() if isinstance(data, QTensor) else data, dtype=np.float32)
         x = x.reshape(-1, x.shape[-1])
         for name in names:
-            if name not in module.constants:
+            if name not in module.constants and name not in stacked:
                 continue
             try:
-                w, wq = dense(ref_ctx, name), dense(ctx, name)
+                w, wq = dense(ref_ctx, name), stored(name)
             except (QirError, ValueError):
                 continue
             acc = sums.setdefault(name, [0.0, 0.0])
