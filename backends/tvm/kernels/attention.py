@@ -27,6 +27,8 @@ the optional ``mask`` (rank 4, each dim 1 or full; bool = attend, or f32 additiv
 
 from __future__ import annotations
 
+from typing import Any
+
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -111,6 +113,9 @@ def attention(b: int | None, hq: int, hkv: int, sq: int | None, sk: int | None, 
         return f"[{b_}, {h}, {s_}, {d_}]" if lay == "bhsd" else f"[{b_}, {s_}, {h}, {d_}]"
 
     lq, lk, lv, lo = layouts
+    if limit and sq == 1 and b is not None and rep <= 2 * ROWS:
+        src = _decode_split_source(b, hq, hkv, sk, d, dv, lanes, scale, layouts, shp, at)
+        return _parse(src)
     q_at = at(lq, "bi", f"kh * {rep} + g2 // {SQ}", f"g2 % {SQ}", "dd")
     k_tile_at = at(lk, "bi", "kh", f"T.max(T.min(jt * {tj} + c, {NK} - 1), 0)", "dd")
     v_at = at(lv, "bi", "kh", "j", f"dt * {td} + c")
@@ -214,6 +219,10 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
                             for c in T.vectorized({TD}):
                                 O{o_at} = acc2[rr, c]
 '''
+    return _parse(src)
+
+
+def _parse(src: str) -> tirx.PrimFunc:
     import numpy as np
 
     func = tvm.script.from_source(src, extra_vars={"T": T, "np": np, "fexp": fast_exp})
@@ -222,7 +231,140 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
     return func
 
 
-def _transpose_keys(lk: str, lanes: int, d: int, tj: int, nk: str, nkp: str) -> str:
+SPLITS = 2  # key ranges per kv head in a decode step (tasks: batch x kv heads x SPLITS)
+
+
+def _decode_split_source(b: int, hq: int, hkv: int, sk: int, d: int, dv: int, lanes: int, scale: float,
+                         layouts: tuple[str, str, str, str], shp: Any, at: Any) -> str:
+    """One query token over a static cache filled up to ``p`` (``limit``), split over the keys (flash-decoding).
+
+    A decode step has one task per kv head otherwise: SmolLM2's 3 kv heads on 2 threads left one thread idle for a
+    third of the call. Here each of ``SPLITS`` key ranges of each kv head is a task: its ``rep`` query rows get the
+    range's scores, their own maximum ``m``, ``e = exp(s - m)``, ``l = sum e`` and ``o = sum e v`` (unnormalized);
+    then, on the calling thread (``rep x Dv`` values per head), the ranges combine exactly as softmax does:
+    ``M = max m``, ``out = sum exp(m - M) o / sum exp(m - M) l``. A range past the filled prefix has ``m = -inf``
+    and weight 0. Ranges are whole key tiles, so every task transposes and scores whole tiles.
+    """
+    rep = hq // hkv
+    r = rep
+    tj = 2 * lanes
+    td = dv if dv <= 4 * lanes else next(c for c in (4 * lanes, 2 * lanes, lanes) if dv % c == 0)
+    tiles_max = (sk + tj - 1) // tj
+    cs_max = (tiles_max + SPLITS - 1) // SPLITS * tj  # keys per range, at most
+    lq, lk, lv, lo = layouts
+    q_at = at(lq, "bi", f"kh * {rep} + rr", "0", "dd")
+    k_tile_at = at(lk, "bi", "kh", "T.max(T.min(j0 + jt * {tj} + c, j1 - 1), 0)".replace("{tj}", str(tj)), "dd")
+    v_at = at(lv, "bi", "kh", "j0 + j", f"dt * {td} + c")
+    o_at = at(lo, "bi", f"kh * {rep} + rr", "0", "dd")
+    if d % lanes == 0:
+        transpose = _transpose_keys(lk, lanes, d, tj, "j1", "np_", first="j0")
+        transpose = "\n".join("    " + line for line in transpose.splitlines())
+    else:
+        transpose = f"""\
+            for jt in range(np_ // {tj}):
+                for dd in range({d}):
+                    for c in range({tj}):
+                        Kt[jt, dd, c] = K{k_tile_at}"""
+    L, TJ, TD, R, D, DV, NS = lanes, tj, td, r, d, dv, SPLITS  # noqa: N806
+    return f'''
+@T.prim_func
+def main(q: T.handle, k: T.handle, v: T.handle, p: T.handle, o: T.handle):
+    T.func_attr({{"global_symbol": "main", "tirx.noalias": True}})
+    Q = T.match_buffer(q, {shp(lq, hq, "1", D)}, "float32")
+    K = T.match_buffer(k, {shp(lk, hkv, str(sk), D)}, "float32")
+    V = T.match_buffer(v, {shp(lv, hkv, str(sk), DV)}, "float32")
+    P = T.match_buffer(p, (1,), "int64")
+    O = T.match_buffer(o, {shp(lo, hq, "1", DV)}, "float32")
+    Mp = T.alloc_buffer(({b}, {hkv}, {NS}, {R}), "float32")
+    Lp = T.alloc_buffer(({b}, {hkv}, {NS}, {R}), "float32")
+    Op = T.alloc_buffer(({b}, {hkv}, {NS}, {R}, {DV}), "float32")
+    nk: T.let = T.max(T.min(P[0] + T.int64(1), T.int64({sk})), T.int64(0))
+    # keys per range: whole tiles, the filled prefix's tiles spread over the ranges
+    cs: T.let = ((nk + T.int64({TJ - 1})) // T.int64({TJ}) + T.int64({NS - 1})) // T.int64({NS}) * T.int64({TJ})
+    for task in T.parallel({b * hkv * NS}):
+        bi: T.let = task // {hkv * NS}
+        kh: T.let = task // {NS} % {hkv}
+        sp: T.let = task % {NS}
+        j0: T.let = T.min(sp * cs, nk)
+        j1: T.let = T.min(j0 + cs, nk)
+        n: T.let = j1 - j0
+        np_: T.let = (n + T.int64({TJ - 1})) // T.int64({TJ}) * T.int64({TJ})
+        Kt = T.alloc_buffer(({cs_max // TJ}, {D}, {TJ}), "float32")
+        S = T.alloc_buffer(({R}, {cs_max}), "float32")
+        if n > T.int64(0):
+{transpose}
+            for jt in range(np_ // {TJ}):
+                acc = T.alloc_buffer(({R}, {TJ}), "float32")
+                for rr in T.unroll({R}):
+                    for c in T.vectorized({TJ}):
+                        acc[rr, c] = T.float32(0)
+                for dd in range({D}):
+                    for rr in T.unroll({R}):
+                        for c in T.vectorized({TJ}):
+                            acc[rr, c] = acc[rr, c] + Q{q_at} * Kt[jt, dd, c]
+                for rr in T.unroll({R}):
+                    for c in T.vectorized({TJ}):
+                        S[rr, jt * {TJ} + c] = T.Select(jt * {TJ} + c < n, acc[rr, c] * T.float32({scale!r}),
+                                                        T.float32(-np.inf))
+            for rr in range({R}):
+                mv = T.alloc_buffer(({L},), "float32")
+                sv = T.alloc_buffer(({L},), "float32")
+                for c in T.vectorized({L}):
+                    mv[c] = T.float32(-np.inf)
+                    sv[c] = T.float32(0)
+                for jo in range(np_ // {L}):
+                    for c in T.vectorized({L}):
+                        mv[c] = T.max(mv[c], S[rr, jo * {L} + c])
+                Mp[bi, kh, sp, rr] = T.float32(-np.inf)
+                for c in range({L}):
+                    Mp[bi, kh, sp, rr] = T.max(Mp[bi, kh, sp, rr], mv[c])
+                for jo in range(np_ // {L}):
+                    for c in T.vectorized({L}):
+                        S[rr, jo * {L} + c] = T.Select(S[rr, jo * {L} + c] == T.float32(-np.inf), T.float32(0),
+                                                       fexp(S[rr, jo * {L} + c] - Mp[bi, kh, sp, rr]))
+                        sv[c] = sv[c] + S[rr, jo * {L} + c]
+                Lp[bi, kh, sp, rr] = T.float32(0)
+                for c in range({L}):
+                    Lp[bi, kh, sp, rr] = Lp[bi, kh, sp, rr] + sv[c]
+            for dt in range({DV // TD}):
+                acc2 = T.alloc_buffer(({R}, {TD}), "float32")
+                for rr in T.unroll({R}):
+                    for c in T.vectorized({TD}):
+                        acc2[rr, c] = T.float32(0)
+                for j in range(n):
+                    for rr in T.unroll({R}):
+                        for c in T.vectorized({TD}):
+                            acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
+                for rr in range({R}):
+                    for c in T.vectorized({TD}):
+                        Op[bi, kh, sp, rr, dt * {TD} + c] = acc2[rr, c]
+        else:
+            for rr in range({R}):
+                Mp[bi, kh, sp, rr] = T.float32(-np.inf)
+                Lp[bi, kh, sp, rr] = T.float32(0)
+    # combine the ranges (rep x Dv values per kv head: on the calling thread)
+    for bi, kh, rr in T.grid({b}, {hkv}, {R}):
+        top = T.alloc_buffer((1,), "float32")
+        tot = T.alloc_buffer((1,), "float32")
+        acc3 = T.alloc_buffer(({DV},), "float32")
+        top[0] = T.float32(-np.inf)
+        for sp in range({NS}):
+            top[0] = T.max(top[0], Mp[bi, kh, sp, rr])
+        tot[0] = T.float32(0)
+        for c in T.vectorized({DV}):
+            acc3[c] = T.float32(0)
+        for sp in range({NS}):
+            if Mp[bi, kh, sp, rr] != T.float32(-np.inf):
+                w: T.let = fexp(Mp[bi, kh, sp, rr] - top[0])
+                tot[0] = tot[0] + w * Lp[bi, kh, sp, rr]
+                for c in T.vectorized({DV}):
+                    acc3[c] = acc3[c] + w * Op[bi, kh, sp, rr, c]
+        for dd in T.vectorized({DV}):
+            O{o_at} = T.Select(tot[0] > T.float32(0), acc3[dd] / tot[0], T.float32(0))
+'''
+
+
+def _transpose_keys(lk: str, lanes: int, d: int, tj: int, nk: str, nkp: str, first: str = "0") -> str:
     """TVMScript lines filling ``Kt[d, j] = k[j, d]`` in ``lanes x lanes`` blocks of vector shuffles.
 
     Each block loads ``lanes`` key rows (contiguous along ``d``) as vectors and transposes them in ``log2(lanes)``
@@ -230,7 +372,8 @@ def _transpose_keys(lk: str, lanes: int, d: int, tj: int, nk: str, nkp: str) -> 
     into ``2i+1``; after ``log2`` rounds row ``i`` holds column ``i``), then stores ``lanes`` vectors of ``Kt``.
     The element-wise copy this replaces (a strided read or write per element) was 70% of a SmolLM2 decode
     attention call (90 us -> 25 us without it, 1 thread, 513 keys). Keys past the filled prefix are read as the last
-    filled key (finite; their scores are ``-inf`` by the bias row and ``p @ v`` never visits them).
+    filled key (finite; their scores are ``-inf`` by the bias row and ``p @ v`` never visits them). ``first``: the key
+    that goes to ``Kt``'s column 0 (a split of the keys), ``nk``: one past the last key to read.
     """
     L = lanes  # noqa: N806
     lo = [i // 2 + (L if i % 2 else 0) for i in range(L)]
@@ -242,7 +385,7 @@ def _transpose_keys(lk: str, lanes: int, d: int, tj: int, nk: str, nkp: str) -> 
              f"            for db in range({d // L}):"]
     names = [f"r0_{i}" for i in range(L)]
     for i in range(L):
-        lines.append(f"{ind}{names[i]}: T.let = K{row(f'T.max(T.min(jb * {L} + {i}, {nk} - 1), 0)')}")
+        lines.append(f"{ind}{names[i]}: T.let = K{row(f'T.max(T.min({first} + jb * {L} + {i}, {nk} - 1), 0)')}")
     stage = 0
     while (1 << stage) < L:
         new = [f"r{stage + 1}_{i}" for i in range(L)]
