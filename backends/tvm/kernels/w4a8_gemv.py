@@ -32,7 +32,8 @@ from qir.backends.tvm.kernels.cpu_features import features_of
 
 __all__ = ["w4a8_gemv", "w4a8_isa"]
 
-ROWS = 4  # output rows per task (they share the activation loads)
+ROWS = 4  # output rows per task (they share the activation loads), 16-byte group path
+PREFETCH_ROWS = 8  # the 64-byte path prefetches the row this many rows ahead (see w4a8_gemv)
 
 
 def w4a8_isa(target: tvm.target.Target | str | dict) -> str | None:
@@ -66,6 +67,22 @@ def _dot(isa: str, acc: str, w: str, x: str) -> tuple[str, int]:
     raise ValueError(f"w4a8_gemv: unknown ISA {isa!r}")
 
 
+def _dot2(isa: str, lo: str, xe: str, hi: str, xo: str) -> str:
+    """TVMScript of ``dot(lo, xe) + dot(hi, xo)`` as int32x8, each operand 32 bytes (x86 paths only)."""
+    if isa == "vnni":
+        first = (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), '
+                 f'T.broadcast(T.int32(0), 8), T.reinterpret({lo}, dtype="int8x32"), {xe}, dtype="int32x8")')
+        return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), {first}, '
+                f'T.reinterpret({hi}, dtype="int8x32"), {xo}, dtype="int32x8")')
+    if isa == "avx2":  # the two int16 pair sums added first: 2 * 2 * 15 * 128 < 2^15, still exact
+        def pairs(w: str, x: str) -> str:
+            return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), '
+                    f'T.reinterpret({w}, dtype="int8x32"), {x}, dtype="int16x16")')
+        return (f'T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), '
+                f'{pairs(lo, xe)} + {pairs(hi, xo)}, T.broadcast(T.int16(1), 16), dtype="int32x8")')
+    raise ValueError(f"w4a8_gemv: no paired dot product for {isa!r}")
+
+
 def _block_param(name: str, form: str | tuple[str, str, str], N: int, G: int) -> tuple[str, str, str]:
     """(handles, buffers, value at ``[n, g]``) of a per-group parameter: ``"float32"``/``"float16"`` ``[N, G]``, or
     two-level (``compress-scales``) ``(codes_dtype, row_scale_dtype, row_base_dtype)``: codes ``[N, G]`` and a
@@ -85,7 +102,7 @@ def _block_param(name: str, form: str | tuple[str, str, str], N: int, G: int) ->
 
 def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict, *, signed: bool,
               zp_dtype: str | None, scale: str | tuple[str, str, str], offset: str | tuple[str, str, str] | None = None,
-              bias: bool = False, rows: int = ROWS) -> tirx.PrimFunc | None:
+              bias: bool = False, rows: int | None = None) -> tirx.PrimFunc | None:
     """The scheduled kernel, or ``None`` where there is none (no dot-product ISA, ``group % 32``, ``K % group``).
 
     Parameters in call order: ``xq [1, K] int8``, ``sx [1] f32``, ``w [N, K/2] uint8`` (two nibbles per byte, even
@@ -98,6 +115,19 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
     if isa is None or group % 32 or K % group or N < 1:
         return None
     G, chunks = K // group, group // 32
+    # x86, K a multiple of 64: 64 weights (32 bytes) per step, their low nibbles (even k) and high nibbles (odd k)
+    # each one 32-byte dot product against the codes arranged to match, so no shuffle joins the two halves; int32
+    # lanes 0-3 then belong to the first 32 weights, 4-7 to the next. Per 64 weights and row: one load, shift and
+    # masks, two dot products, one convert and one FMA (the scale of each half in its lanes), about half the
+    # instructions of one group at a time. Arm keeps 16-byte groups (its dot product is 128 bits wide anyway).
+    #
+    # Rows per task: each row is one more stream of weight bytes, and from DRAM several streams a row apart stream
+    # worse than one (the hardware prefetcher; with software prefetching PREFETCH_ROWS ahead): SmolLM2's GEMVs with
+    # weights out of cache (200 copies, 2 threads) took 15.6 / 27.2 us (1536 x 576 / 576 x 1536) with 2 rows, 18.8 /
+    # 29.4 with 4, 22.5 / 17.6 with 1. So 2 rows for short rows, 1 for long ones.
+    paired = isa in ("vnni", "avx2") and K % 64 == 0 and (group == 32 or group % 64 == 0)
+    if rows is None:
+        rows = (2 if K <= 1024 else 1) if paired else ROWS
     s_params, s_bufs, s_at = _block_param("s", scale, N, G)
     o_params, o_bufs, o_at = _block_param("o", offset, N, G) if offset is not None else ("", "", None)
     z_param = "z: T.handle, " if zp_dtype else ""
@@ -118,14 +148,45 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
     const_dec = zero_term = ""
     if const is not None:
         const_dec = f"                CD[rr, g] = {const}\n"
+        # Vectorized into the row's partial sums (as one scalar chain of G dependent FMAs it cost as much as the
+        # dot products of a 1536-wide row); the last G % L groups one at a time.
         zero_term = f"""\
         for rr in T.unroll({rows}):
-            for g in range({G}):
+            for go in range({G // L}):
+                for c in T.vectorized({L}):
+                    facc[rr, c] = facc[rr, c] + CD[rr, go * {L} + c] * XG[go * {L} + c]
+            for g in range({G // L * L}, {G}):
                 zacc[rr] = zacc[rr] + CD[rr, g] * XG[g]
 """
     body = []
-    for c in range(chunks):
-        body.append(f"""\
+    if paired:
+        flip32 = " ^ T.broadcast(T.uint8(136), 32)" if signed else ""
+        scale_v = ("T.Shuffle([T.broadcast(SD[rr, p * 2], 4), T.broadcast(SD[rr, p * 2 + 1], 4)], "
+                   "[0, 1, 2, 3, 4, 5, 6, 7])" if group == 32
+                   else f"T.broadcast(SD[rr, p * 64 // {group}], 8)")
+        steps = f"""\
+        for p in range({K // 64}):
+            for rr in T.unroll({rows}):
+                n: T.let = T.min(t * {rows} + rr, {N - 1})
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                              T.address_of(W[T.min(n + {PREFETCH_ROWS}, {N - 1}), p * 32]),
+                                              T.int32(0), T.int32(3), T.int32(1)))
+                wb: T.let = W.vload([n, p * 32], "uint8x32"){flip32}
+                lo: T.let = wb & T.broadcast(T.uint8(15), 32)
+                hi: T.let = T.shift_right(wb, T.broadcast(T.uint8(4), 32))
+                xe: T.let = XP.vload([p * 64], "int8x32")
+                xo: T.let = XP.vload([p * 64 + 32], "int8x32")
+                ib: T.let = {_dot2(isa, "lo", "xe", "hi", "xo")}
+                facc[rr, T.ramp(0, 1, 8)] = facc[rr, T.ramp(0, 1, 8)] + T.Cast("float32x8", ib) * {scale_v}
+"""
+        arrange = f"""\
+    for c in range({K // 64}):
+        for i in range(32):
+            XP[c * 64 + i] = XQ[0, c * 64 + 2 * i]
+            XP[c * 64 + 32 + i] = XQ[0, c * 64 + 2 * i + 1]"""
+    else:
+        for c in range(chunks):
+            body.append(f"""\
             for rr in T.unroll({rows}):
                 n: T.let = T.min(t * {rows} + rr, {N - 1})
                 wb: T.let = W.vload([n, g * {group // 2} + {c * 16}], "uint8x16"){flip}
@@ -135,6 +196,20 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
                 xv: T.let = XP.vload([g * {group} + {c * 32}], "int8x32")
                 iacc[rr, T.ramp(0, 1, {L})] = {dot}
 """)
+        steps = f"""\
+        for g in range({G}):
+            for rr in T.unroll({rows}):
+                for c in T.vectorized({L}):
+                    iacc[rr, c] = 0
+{"".join(body)}            for rr in T.unroll({rows}):
+                for c in T.vectorized({L}):
+                    facc[rr, c] = facc[rr, c] + T.Cast("float32", iacc[rr, c]) * SD[rr, g]
+"""
+        arrange = f"""\
+    for c in range({K // 32}):
+        for i in range(16):
+            XP[c * 32 + i] = XQ[0, c * 32 + 2 * i]
+            XP[c * 32 + 16 + i] = XQ[0, c * 32 + 2 * i + 1]"""
     src = f'''
 @T.prim_func
 def main(xq: T.handle, xs: T.handle, w: T.handle, {s_params}{z_param}{o_params}{b_param}y: T.handle):
@@ -145,12 +220,9 @@ def main(xq: T.handle, xs: T.handle, w: T.handle, {s_params}{z_param}{o_params}{
 {s_bufs}{z_buf}{o_bufs}{b_buf}    Y = T.match_buffer(y, (1, {N}), "float32")
     XP = T.alloc_buffer(({K},), "int8")
     XG = T.alloc_buffer(({G},), "float32")
-    # The activation codes in the weights' nibble order (per 32: the 16 even k, then the 16 odd), and their
+    # The activation codes in the weights' nibble order (per 32 or 64: the even k, then the odd), and their
     # sums per group (the zero point's term).
-    for c in range({K // 32}):
-        for i in range(16):
-            XP[c * 32 + i] = XQ[0, c * 32 + 2 * i]
-            XP[c * 32 + 16 + i] = XQ[0, c * 32 + 2 * i + 1]
+{arrange}
     for g in range({G}):
         gs = T.alloc_buffer((1,), "int32")
         gs[0] = 0
@@ -172,14 +244,7 @@ def main(xq: T.handle, xs: T.handle, w: T.handle, {s_params}{z_param}{o_params}{
             n: T.let = T.min(t * {rows} + rr, {N - 1})
             for g in T.vectorized({G}):
                 SD[rr, g] = {s_at}
-{const_dec}        for g in range({G}):
-            for rr in T.unroll({rows}):
-                for c in T.vectorized({L}):
-                    iacc[rr, c] = 0
-{"".join(body)}            for rr in T.unroll({rows}):
-                for c in T.vectorized({L}):
-                    facc[rr, c] = facc[rr, c] + T.Cast("float32", iacc[rr, c]) * SD[rr, g]
-{zero_term}        for rr in range({rows}):
+{const_dec}{steps}{zero_term}        for rr in range({rows}):
             n: T.let = t * {rows} + rr
             if n < {N}:
                 tot = T.alloc_buffer((1,), "float32")
