@@ -134,6 +134,7 @@ def main() -> int:
     from qir.frontend.importer import import_loaded
     from qir.models import load_model
     from qir.passes import PassManager, parse_pipeline
+    from qir.tools.compile_cli import PRESETS
 
     loaded = load_model("minilm-l6")
     enc = loaded.tokenizer(list(DEFAULT_SENTENCES), padding="max_length", truncation=True, max_length=SEQ,
@@ -178,7 +179,8 @@ def main() -> int:
         f32_onnx.stat().st_size)
 
     module = import_loaded(loaded, source="minilm-l6").module
-    for name, pipeline in (("qir-ort-cpu-float", ""), ("qir-ort-cpu-w8a8", "quantize{scheme=w8a8}")):
+    # The w8a8 rows run what `qir compile --preset w8a8` runs (quantize, then merge-siblings: q/k/v as one matmul).
+    for name, pipeline in (("qir-ort-cpu-float", ""), ("qir-ort-cpu-w8a8", PRESETS["w8a8"])):
         mod = PassManager(parse_pipeline(pipeline)).run(module.clone()) if pipeline else module
         res = compile_module(mod, "ort-cpu", work / name, meta={"source": "minilm-l6", "kind": "encoder"})
         art = load_artifact(work / name, threads=THREADS)
@@ -196,7 +198,7 @@ def main() -> int:
 
         variants = [(f"qir-tvm-llvm-{p}{suffix}", pipe, kern) for suffix, kern in
                     ([("", True)] + ([("-te", False)] if args.tvm_te else []))
-                    for p, pipe in (("float", ""), ("w8a8", "quantize{scheme=w8a8}"))]
+                    for p, pipe in (("float", ""), ("w8a8", PRESETS["w8a8"]))]
         for name, pipeline, kern in variants:
             mod = PassManager(parse_pipeline(pipeline)).run(module.clone()) if pipeline else module
             t0 = time.perf_counter()

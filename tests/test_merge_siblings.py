@@ -55,7 +55,7 @@ def opcodes(m: Module, function: str = "main") -> list[str]:
 ])
 def test_quantized_siblings_merge_into_one_qmatmul_with_the_same_results(pipeline: str) -> None:
     src = run_pipeline(attention_like(), pipeline)
-    merged = run_pipeline(src, "merge-siblings", verify_each=True)
+    merged = run_pipeline(src, "merge-siblings{single_token=false}", verify_each=True)
     assert opcodes(merged).count("qmatmul") == 1 and opcodes(merged).count("slice") == 3
     assert [v.name for v in merged.function().outputs] == ["q", "k", "v"]  # the old values keep their names
     w = merged.constant("layer.q_proj_k_proj_v_proj.weight")
@@ -70,7 +70,7 @@ def test_quantized_siblings_merge_into_one_qmatmul_with_the_same_results(pipelin
 
 def test_float_linears_with_biases_merge() -> None:
     src = attention_like(bias=True)
-    merged = run_pipeline(src, "merge-siblings", verify_each=True)
+    merged = run_pipeline(src, "merge-siblings{single_token=false}", verify_each=True)
     assert opcodes(merged) == ["linear", "slice", "slice", "slice"]
     assert merged.constant("layer.q_proj_k_proj_v_proj.bias").type.shape == (160,)
     for a, b in zip(out(merged, feed()), out(src, feed())):
@@ -79,7 +79,7 @@ def test_float_linears_with_biases_merge() -> None:
 
 def test_prefill_and_decode_share_one_stacked_weight() -> None:
     src = run_pipeline(attention_like(two_functions=True), "quantize{scheme=w4a8,group=32,zero=float},compress-scales")
-    merged = run_pipeline(src, "merge-siblings", verify_each=True)
+    merged = run_pipeline(src, "merge-siblings{single_token=false}", verify_each=True)
     for fname in ("prefill", "decode"):
         (op,) = [o for o in merged.function(fname).ops if o.opcode == "qmatmul"]
         assert op.operands[1].name == "layer.q_proj_k_proj_v_proj.weight"
@@ -88,14 +88,22 @@ def test_prefill_and_decode_share_one_stacked_weight() -> None:
     assert sum(1 for n in merged.constants if n.endswith(".weight")) == 1
 
 
+def test_by_default_only_siblings_that_run_on_one_token_merge() -> None:
+    # many rows only (an encoder, a prefill alone): each projection is a GEMM already, nothing to gain
+    assert opcodes(run_pipeline(attention_like(), "merge-siblings")).count("linear") == 3
+    # a decode function runs them on one token: merged, and prefill shares the stacked weight
+    both = run_pipeline(attention_like(two_functions=True), "merge-siblings")
+    assert opcodes(both, "decode").count("linear") == 1 and opcodes(both, "prefill").count("linear") == 1
+
+
 def test_what_cannot_be_stacked_keeps_its_own_op() -> None:
     # a weight that an embedding also reads: q and v still merge, k stays alone
-    tied = run_pipeline(attention_like(tied=True), "merge-siblings")
+    tied = run_pipeline(attention_like(tied=True), "merge-siblings{single_token=false}")
     assert opcodes(tied).count("linear") == 2
     assert "layer.k_proj.weight" in tied.constants and "layer.q_proj_v_proj.weight" in tied.constants
     # different weight dtypes (a mixed-precision choice) never share an op
     mixed = run_pipeline(attention_like(), 'quantize{scheme=w8a16,overrides="layer.k_proj.weight=w4a16"}')
-    merged = run_pipeline(mixed, "merge-siblings")
+    merged = run_pipeline(mixed, "merge-siblings{single_token=false}")
     assert opcodes(merged).count("qmatmul") == 2
     for a, b in zip(out(merged, feed()), out(mixed, feed())):
         np.testing.assert_array_equal(a, b)
@@ -110,7 +118,7 @@ def test_per_tensor_weights_merge_only_with_equal_scales() -> None:
     f = m.add_function("main")
     x = f.add_input("x", TensorType.of("f32", [1, 3, K]))
     f.set_outputs([f.add_op("qmatmul", [x, m.constant(n)], names=[n + "y"]).result for n in "abc"])
-    merged = run_pipeline(m, "merge-siblings", verify_each=True)
+    merged = run_pipeline(m, "merge-siblings{single_token=false}", verify_each=True)
     assert [op.operands[1].name for op in merged.function().ops if op.opcode == "qmatmul"] == ["a_b", "c"]
     x = {"x": rng.standard_normal((1, 3, K)).astype(np.float32)}
     for u, v in zip(out(merged, x), out(m, x)):
@@ -119,9 +127,9 @@ def test_per_tensor_weights_merge_only_with_equal_scales() -> None:
 
 def test_min_count_and_bad_option() -> None:
     src = attention_like()
-    assert opcodes(run_pipeline(src, "merge-siblings{min_count=4}")).count("linear") == 3
+    assert opcodes(run_pipeline(src, "merge-siblings{min_count=4,single_token=false}")).count("linear") == 3
     with pytest.raises(PassFailedError, match="min_count must be at least 2"):
-        run_pipeline(src, "merge-siblings{min_count=1}")
+        run_pipeline(src, "merge-siblings{min_count=1,single_token=false}")
 
 
 def test_merged_name() -> None:
@@ -132,7 +140,7 @@ def test_merged_name() -> None:
 
 def test_stacked_sources_finds_each_float_weight_in_its_stack() -> None:
     float_module = attention_like(two_functions=True)
-    merged = run_pipeline(float_module, "quantize{scheme=w8a16},merge-siblings")
+    merged = run_pipeline(float_module, "quantize{scheme=w8a16},merge-siblings{single_token=false}")
     rows = stacked_sources(float_module, merged)
     stack = "layer.q_proj_k_proj_v_proj.weight"
     assert rows == {"layer.q_proj.weight": StackedRows(stack, 0, 96),

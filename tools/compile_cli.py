@@ -47,9 +47,10 @@ PRESETS: dict[str, str] = {
     # No re-quantization: a GGUF model keeps its own blocks (imported with keep_quantized), a .qir stays as is.
     "keep": "",
 }
-#: Every quantizing preset but npu-int8 ends with merge-siblings (q/k/v and gate/up as one matmul each, exactly the
-#: same results): one kernel launch instead of three or two, and short k/v GEMVs no longer leave a thread idle
-#: (SmolLM2 w4a8 decode on tvm-llvm: +6%). npu-int8 keeps one MatMul per projection, the graph Ascend tools expect.
+#: Every quantizing preset but npu-int8 ends with merge-siblings (q/k/v and gate/up as one matmul each in a decode
+#: step, exactly the same results): one kernel launch instead of three or two, and short k/v GEMVs no longer leave a
+#: thread idle (SmolLM2 w4a8 decode on tvm-llvm: +6%). An encoder (MiniLM) has no single-token function and is left
+#: as it is. npu-int8 keeps one MatMul per projection, the graph Ascend tools expect.
 
 #: Preset name -> what it means (``qir compile --help`` and the README's table).
 PRESET_MEANING: dict[str, str] = {
