@@ -174,17 +174,20 @@ def test_grouped_int4_gemv_with_minimums(target: tvm.target.Target, params: str,
 
 
 @pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
-@pytest.mark.parametrize(("signed", "zp", "offset", "group"), [
-    (False, True, None, 32), (True, False, None, 64), (False, False, "float16", 32), (False, False, "nested", 64)])
+@pytest.mark.parametrize(("signed", "zp", "offset", "group", "k"), [
+    (False, True, None, 32, 192), (True, False, None, 64, 192), (False, False, "float16", 32, 192),
+    (False, False, "nested", 64, 192), (False, False, "nested", 32, 96), (True, True, "float16", 32, 1088)])
 def test_w4a8_gemv_matches_the_integer_path(target: tvm.target.Target, signed: bool, zp: bool, offset: str | None,
-                                            group: int) -> None:
+                                            group: int, k: int) -> None:
     """The w4a8 decode GEMV against qir's integer ``qmatmul`` (numpy): int8 per-token codes times 4-bit codes in
     groups, zero points (u4), signed codes (i4), float minimums plain or two-level; an N that leaves a partial
-    chunk of rows. Host: ``vpdpbusd`` where VNNI exists; AVX2: ``vpmaddubsw`` + ``vpmaddwd``."""
+    chunk of rows. Host: ``vpdpbusd`` where VNNI exists; AVX2: ``vpmaddubsw`` + ``vpmaddwd``. ``K`` a multiple of
+    64 takes 64 weights per step (2 rows per task; 1 row past K = 1024, and 34 groups leave a tail for the
+    vectorized zero-point term); ``K = 96`` one group of 32 at a time."""
     from qir.backends.tvm.kernels import w4a8_gemv
 
     rng = np.random.default_rng(11)
-    n, k = 37, 192
+    n = 37
     g = k // group
     codes = rng.integers(-8, 8, (n, k)) if signed else rng.integers(0, 16, (n, k))
     z = rng.integers(0, 16, (n, g)).astype(np.uint8)
