@@ -176,7 +176,8 @@ def test_grouped_int4_gemv_with_minimums(target: tvm.target.Target, params: str,
 @pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
 @pytest.mark.parametrize(("signed", "zp", "offset", "group", "k"), [
     (False, True, None, 32, 192), (True, False, None, 64, 192), (False, False, "float16", 32, 192),
-    (False, False, "nested", 64, 192), (False, False, "nested", 32, 96), (True, True, "float16", 32, 1088)])
+    (False, False, "nested", 64, 192), (False, False, "nested", 32, 96), (False, True, "float16", 32, 1088),
+    (True, False, None, 32, 1088)])
 def test_w4a8_gemv_matches_the_integer_path(target: tvm.target.Target, signed: bool, zp: bool, offset: str | None,
                                             group: int, k: int) -> None:
     """The w4a8 decode GEMV against qir's integer ``qmatmul`` (numpy): int8 per-token codes times 4-bit codes in
@@ -210,6 +211,7 @@ def test_w4a8_gemv_matches_the_integer_path(target: tvm.target.Target, signed: b
     func = w4a8_gemv(n, k, group, target, signed=signed, zp_dtype="uint8" if zp else None, scale="float32",
                      offset=oform, bias=True)
     assert func is not None
+    assert w4a8_gemv(n, k, group, target, signed=True, zp_dtype="uint8", scale="float32") is None  # not a qir spec
     args = [xq, sx, pack(codes, "i4" if signed else "u4").reshape(n, k // 2), s] + ([z] if zp else []) + oargs + [b]
     y = _run(func, target, args, (1, n))
     wz = codes - (np.repeat(z, group, 1).astype(np.int64) if zp else 0)

@@ -114,6 +114,8 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
     isa = w4a8_isa(target)
     if isa is None or group % 32 or K % group or N < 1:
         return None
+    if signed and zp_dtype:  # zero points go with unsigned codes (qir's asymmetric specs); the sign flip assumes 8
+        return None
     G, chunks = K // group, group // 32
     # x86, K a multiple of 64: 64 weights (32 bytes) per step, their low nibbles (even k) and high nibbles (odd k)
     # each one 32-byte dot product against the codes arranged to match, so no shuffle joins the two halves; int32
