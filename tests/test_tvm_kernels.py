@@ -220,6 +220,59 @@ def test_w4a8_gemv_matches_the_integer_path(target: tvm.target.Target, signed: b
     np.testing.assert_allclose(y[0], ref[0], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+@pytest.mark.parametrize(("signed", "zp", "offset", "k"), [
+    (True, False, None, 192), (False, True, None, 1088), (False, False, "nested", 576)])
+def test_w4a16_dot_gemv_carries_the_float_token_to_its_bound(target: tvm.target.Target, signed: bool, zp: bool,
+                                                              offset: str | None, k: int) -> None:
+    """``float_x``: a float token split per chunk of 32 into two int8 parts (``x = a * (h + l / 254)``, ``a`` the
+    chunk's max / 127) against 4-bit weights on the dot products. Each element is then off by at most ``a / 508``,
+    so every output is within ``sum_k |w_k| * a_chunk(k) / 508`` of the float product (plus f32 rounding), an
+    outlier of 60 in one chunk included; the bound is also not loose by orders of magnitude."""
+    from qir.backends.tvm.kernels import w4a8_gemv
+
+    rng = np.random.default_rng(5)
+    n, g = 37, k // 32
+    codes = rng.integers(-8, 8, (n, k)) if signed else rng.integers(0, 16, (n, k))
+    z = rng.integers(0, 16, (n, g)).astype(np.uint8)
+    s = (rng.random((n, g)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    x[0, 7] = 60.0
+    b = rng.standard_normal(n).astype(np.float32)
+    oargs: list[np.ndarray] = []
+    ov = np.zeros((n, g), np.float32)
+    oform = None
+    if offset == "nested":
+        c = rng.integers(0, 256, (n, g)).astype(np.uint8)
+        r = (rng.random(n) * 0.01).astype(np.float16)
+        base = np.full(n, -0.5, np.float16)
+        oargs, oform = [c, r, base], ("uint8", "float16", "float16")
+        ov = c * r.astype(np.float32)[:, None] + base.astype(np.float32)[:, None]
+    func = w4a8_gemv(n, k, 32, target, signed=signed, zp_dtype="uint8" if zp else None, scale="float32",
+                     offset=oform, bias=True, float_x=True)
+    assert func is not None
+    args = [x, pack(codes, "i4" if signed else "u4").reshape(n, k // 2), s] + ([z] if zp else []) + oargs + [b]
+    y = _run(func, target, args, (1, n))[0]
+    wz = codes - (np.repeat(z, 32, 1).astype(np.int64) if zp else 0)
+    w = wz * np.repeat(s, 32, 1).astype(np.float64) + np.repeat(ov, 32, 1)
+    ref = (x.astype(np.float64) @ w.T)[0] + b
+    a = np.repeat(np.abs(x).reshape(-1, 32).max(1) / 127, 32)
+    bound = np.abs(w) @ (a / 508) + 1e-6 * (np.abs(w) @ np.abs(x[0]) + np.abs(b))
+    err = np.abs(y - ref)
+    assert (err <= bound).all(), (err / bound).max()
+    assert err.max() > 1e-4 * bound.max()  # the split is there: not exact f32
+
+
+def test_w4a16_dot_gemv_only_where_it_applies() -> None:
+    from qir.backends.tvm.kernels import w4a8_gemv
+
+    common = {"signed": False, "zp_dtype": None, "scale": "float32", "float_x": True}
+    assert w4a8_gemv(16, 192, 64, HOST, **common) is None  # groups of 64: the float GEMV keeps them
+    assert w4a8_gemv(16, 96, 32, HOST, **common) is None  # K not a multiple of 64
+    assert w4a8_gemv(16, 192, 32, ARM, **common) is None  # Arm: not this path
+    assert w4a8_gemv(16, 192, 32, HOST, **common) is not None
+
+
 def test_w4a8_gemv_instructions_per_isa() -> None:
     """One dot-product instruction per group: ``vpdpbusd`` with VNNI, ``vpmaddubsw`` on AVX2 only, ``sdot`` on
     AArch64 (cross-compiled, not run); no kernel without any of them (SSE)."""

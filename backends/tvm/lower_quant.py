@@ -411,18 +411,14 @@ class QuantLowering:
 
         return self.emit_te(wfn, args, "wmatmul", None if out_dt != "float32" else op.result)
 
-    def _kernel_w4a8(self, op: Op, x: QVal, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
-        """The w4a8 decode GEMV (:mod:`~qir.backends.tvm.kernels.w4a8_gemv`) for one token of symmetric int8
-        per-token codes times a 4-bit weight in groups of 32s along K, or ``None``."""
-        kern = self._kernels()
-        xt, wl = x.type, w.lay
-        if kern is None or wl.bits != 4 or wl.axis != 1 or not wl.group or wl.group % 32 or k % wl.group:
+    def _w4a8_forms(self, w: QVal) -> tuple[Any, Any, str | None] | None:
+        """The w4a8 GEMV's parameter forms for ``w`` (scale, offset, zero-point dtype), or ``None`` where it has none:
+        4-bit codes in groups of a multiple of 32 along K, unsigned when they have zero points, and block parameters
+        plain f32/f16 or two-level (``compress-scales``)."""
+        wl = w.lay
+        if wl.bits != 4 or wl.axis != 1 or not wl.group or wl.group % 32:
             return None
         if wl.has_zp and wl.signed:
-            return None
-        if xt.dtype.name != "i8" or x.zp is not None or x.lay.axis != xt.rank - 1 or x.lay.group is None:
-            return None
-        if any(d != 1 for d in xt.shape[:-1]):  # a static single token only (a symbolic dim is not 1 either)
             return None
 
         def form(p: Any) -> Any:
@@ -436,7 +432,21 @@ class QuantLowering:
         oform = form(w.offset) if w.offset is not None else None
         if sform is False or oform is False:
             return None
-        zdt = w.zp.ty.dtype if w.zp is not None else None
+        return sform, oform, (w.zp.ty.dtype if w.zp is not None else None)
+
+    def _kernel_w4a8(self, op: Op, x: QVal, w: QVal, b: Any | None, n: int, k: int) -> Any | None:
+        """The w4a8 decode GEMV (:mod:`~qir.backends.tvm.kernels.w4a8_gemv`) for one token of symmetric int8
+        per-token codes times a 4-bit weight in groups of 32s along K, or ``None``."""
+        kern = self._kernels()
+        xt, wl = x.type, w.lay
+        forms = self._w4a8_forms(w)
+        if kern is None or forms is None or k % wl.group:
+            return None
+        if xt.dtype.name != "i8" or x.zp is not None or x.lay.axis != xt.rank - 1 or x.lay.group is None:
+            return None
+        if any(d != 1 for d in xt.shape[:-1]):  # a static single token only (a symbolic dim is not 1 either)
+            return None
+        sform, oform, zdt = forms
         try:
             prim = kern.w4a8_gemv(n, k, wl.group, self.target, signed=wl.signed, zp_dtype=zdt, scale=sform,
                                   offset=oform, bias=b is not None)
@@ -449,6 +459,29 @@ class QuantLowering:
         args = [x2, sx, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
         return self._call_kernel(op, prim, "w4a8_k", args, 1, n, xt)
 
+    def _kernel_w4a16_dot(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int, xt: TensorType
+                          ) -> Any | None:
+        """A float token times 4-bit weights in groups of 32 on the w4a8 GEMV's dot products (``float_x``: the
+        token split into two int8 parts per chunk of 32, carried to 1.6e-5 of the chunk's largest magnitude), or
+        ``None`` (not one static token of f32, no x86 dot-product path, another layout)."""
+        kern = self._kernels()
+        forms = self._w4a8_forms(w)
+        if kern is None or forms is None or w.lay.group != 32 or k % 64 or xt.dtype.name != "f32":
+            return None
+        if any(d != 1 for d in xt.shape[:-1]):
+            return None
+        sform, oform, zdt = forms
+        try:
+            prim = kern.w4a8_gemv(n, k, 32, self.target, signed=w.lay.signed, zp_dtype=zdt, scale=sform,
+                                  offset=oform, bias=b is not None, float_x=True)
+        except Exception:  # noqa: BLE001 - fall back to the float GEMV
+            prim = None
+        if prim is None:
+            return None
+        x2, _ = self._rows(x, xt)
+        args = [x2, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
+        return self._call_kernel(op, prim, "w4a16dot_k", args, 1, n, xt)
+
     def _kernel_wmatmul(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int,
                         xt: TensorType | None = None) -> Any | None:
         kern = self._kernels()
@@ -456,6 +489,8 @@ class QuantLowering:
             return None
         xt = xt or op.operands[0].type
         wl = w.lay
+        if (y := self._kernel_w4a16_dot(op, x, w, b, n, k, xt)) is not None:
+            return y  # one token: the dot-product GEMV, twice the float one's speed
         if wl.bits not in (4, 8) or (wl.axis is not None and wl.axis != (1 if wl.group else 0)):
             return None
         if wl.axis is None or (wl.bits == 4 and k % 2) or xt.dtype.name != "f32":

@@ -102,7 +102,7 @@ def _block_param(name: str, form: str | tuple[str, str, str], N: int, G: int) ->
 
 def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict, *, signed: bool,
               zp_dtype: str | None, scale: str | tuple[str, str, str], offset: str | tuple[str, str, str] | None = None,
-              bias: bool = False, rows: int | None = None) -> tirx.PrimFunc | None:
+              bias: bool = False, rows: int | None = None, float_x: bool = False) -> tirx.PrimFunc | None:
     """The scheduled kernel, or ``None`` where there is none (no dot-product ISA, ``group % 32``, ``K % group``).
 
     Parameters in call order: ``xq [1, K] int8``, ``sx [1] f32``, ``w [N, K/2] uint8`` (two nibbles per byte, even
@@ -110,11 +110,21 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
     scale * q + offset``) when ``offset``, ``bias [N] f32`` when ``bias``, and ``y [1, N] f32``. ``scale`` and
     ``offset`` take the forms of :func:`_block_param`. The offset adds ``offset * sum_{k in g} xq[k]`` per group
     before the activation scale, like the zero point's term.
+
+    ``float_x``: the w4a16 decode GEMV on the same dot products. The first parameter is the token itself (``x [1, K]
+    f32``, no ``sx``), which the kernel splits, per chunk of 32, into two int8 parts against the chunk's scale ``a =
+    max|x| / 127``: ``x = a * (h + l / 254)`` with ``h = round(x / a)`` and ``l = round((x / a - h) * 254)``, both
+    in [-127, 127], so ``x`` is carried to within ``a / 508`` (1.6e-5 of the chunk's largest magnitude: finer than
+    an f16 activation for all but the chunk's smallest values) and each 64 weights cost four dot products instead of
+    a float conversion and FMA per weight. Zero points and minimums use the exact float sums of ``x``. Only on x86
+    (``vnni``/``avx2``) with ``group == 32`` and ``K % 64 == 0``; ``None`` elsewhere.
     """
     isa = w4a8_isa(target)
     if isa is None or group % 32 or K % group or N < 1:
         return None
     if signed and zp_dtype:  # zero points go with unsigned codes (qir's asymmetric specs); the sign flip assumes 8
+        return None
+    if float_x and not (isa in ("vnni", "avx2") and group == 32 and K % 64 == 0):
         return None
     G, chunks = K // group, group // 32
     # x86, K a multiple of 64: 64 weights (32 bytes) per step, their low nibbles (even k) and high nibbles (odd k)
@@ -166,6 +176,17 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
         scale_v = ("T.Shuffle([T.broadcast(SD[rr, p * 2], 4), T.broadcast(SD[rr, p * 2 + 1], 4)], "
                    "[0, 1, 2, 3, 4, 5, 6, 7])" if group == 32
                    else f"T.broadcast(SD[rr, p * 64 // {group}], 8)")
+        if float_x:  # the high part's dot times 254 plus the low part's: |ib| <= 255 * 8 * 15 * 127, far from 2^31
+            split_dot = f"""\
+                ye: T.let = XL.vload([p * 64], "int8x32")
+                yo: T.let = XL.vload([p * 64 + 32], "int8x32")
+                ib: T.let = ({_dot2(isa, "lo", "xe", "hi", "xo")}) * T.broadcast(T.int32(254), 8) + (
+                    {_dot2(isa, "lo", "ye", "hi", "yo")})
+"""
+        else:
+            split_dot = f"""\
+                ib: T.let = {_dot2(isa, "lo", "xe", "hi", "xo")}
+"""
         steps = f"""\
         for p in range({K // 64}):
             for rr in T.unroll({rows}):
@@ -178,14 +199,28 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
                 hi: T.let = T.shift_right(wb, T.broadcast(T.uint8(4), 32))
                 xe: T.let = XP.vload([p * 64], "int8x32")
                 xo: T.let = XP.vload([p * 64 + 32], "int8x32")
-                ib: T.let = {_dot2(isa, "lo", "xe", "hi", "xo")}
-                facc[rr, T.ramp(0, 1, 8)] = facc[rr, T.ramp(0, 1, 8)] + T.Cast("float32x8", ib) * {scale_v}
+{split_dot}                facc[rr, T.ramp(0, 1, 8)] = facc[rr, T.ramp(0, 1, 8)] + T.Cast("float32x8", ib) * {scale_v}
 """
         arrange = f"""\
     for c in range({K // 64}):
         for i in range(32):
             XP[c * 64 + i] = XQ[0, c * 64 + 2 * i]
             XP[c * 64 + 32 + i] = XQ[0, c * 64 + 2 * i + 1]"""
+        if float_x:
+            arrange = f"""\
+    for j in range({K // 32}):
+        m = T.alloc_buffer((1,), "float32")
+        m[0] = T.float32(0)
+        for i in range(32):
+            m[0] = T.max(m[0], T.fabs(X[0, j * 32 + i]))
+        A[j] = T.Select(m[0] > T.float32(0), m[0] / T.float32(127), T.float32(1))
+    for c in range({K // 64}):
+        for i in range(32):
+            for odd in range(2):
+                v: T.let = X[0, c * 64 + 2 * i + odd] / A[c * 2 + i // 16]
+                hv: T.let = T.max(T.min(T.round(v), T.float32(127)), T.float32(-127))
+                XP[c * 64 + odd * 32 + i] = T.Cast("int8", hv)
+                XL[c * 64 + odd * 32 + i] = T.Cast("int8", T.round((v - hv) * T.float32(254)))"""
     else:
         for c in range(chunks):
             body.append(f"""\
@@ -212,25 +247,46 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
         for i in range(16):
             XP[c * 32 + i] = XQ[0, c * 32 + 2 * i]
             XP[c * 32 + 16 + i] = XQ[0, c * 32 + 2 * i + 1]"""
+    if float_x:  # in the accumulators' unit, 1/254
+        group_sums = f"""\
+    for g in range({G}):
+        fs = T.alloc_buffer((1,), "float32")
+        fs[0] = T.float32(0)
+        for i in range({group}):
+            fs[0] = fs[0] + X[0, g * {group} + i]
+        XG[g] = fs[0] * T.float32(254)"""
+        x_params = "x: T.handle, "
+        x_bufs = (f'    X = T.match_buffer(x, (1, {K}), "float32")\n'
+                  f'    A = T.alloc_buffer(({K // 32},), "float32")\n    XL = T.alloc_buffer(({K},), "int8")\n')
+        fold_a = f"""\
+            for g in T.vectorized({G}):
+                SD[rr, g] = SD[rr, g] * A[g]
+"""
+        out_scale = f"T.float32({1 / 254!r})"
+    else:
+        group_sums = f"""\
+    for g in range({G}):
+        gs = T.alloc_buffer((1,), "int32")
+        gs[0] = 0
+        for i in range({group}):
+            gs[0] = gs[0] + T.Cast("int32", XQ[0, g * {group} + i])
+        XG[g] = T.Cast("float32", gs[0])"""
+        x_params = "xq: T.handle, xs: T.handle, "
+        x_bufs = f'    XQ = T.match_buffer(xq, (1, {K}), "int8")\n    XS = T.match_buffer(xs, (1,), "float32")\n'
+        fold_a = ""
+        out_scale = "XS[0]"
     src = f'''
 @T.prim_func
-def main(xq: T.handle, xs: T.handle, w: T.handle, {s_params}{z_param}{o_params}{b_param}y: T.handle):
+def main({x_params}w: T.handle, {s_params}{z_param}{o_params}{b_param}y: T.handle):
     T.func_attr({{"global_symbol": "main", "tirx.noalias": True}})
-    XQ = T.match_buffer(xq, (1, {K}), "int8")
-    XS = T.match_buffer(xs, (1,), "float32")
-    W = T.match_buffer(w, ({N}, {K // 2}), "uint8")
+{x_bufs}    W = T.match_buffer(w, ({N}, {K // 2}), "uint8")
 {s_bufs}{z_buf}{o_bufs}{b_buf}    Y = T.match_buffer(y, (1, {N}), "float32")
     XP = T.alloc_buffer(({K},), "int8")
     XG = T.alloc_buffer(({G},), "float32")
     # The activation codes in the weights' nibble order (per 32 or 64: the even k, then the odd), and their
     # sums per group (the zero point's term).
 {arrange}
-    for g in range({G}):
-        gs = T.alloc_buffer((1,), "int32")
-        gs[0] = 0
-        for i in range({group}):
-            gs[0] = gs[0] + T.Cast("int32", XQ[0, g * {group} + i])
-        XG[g] = T.Cast("float32", gs[0])
+{group_sums}
     for t in T.parallel({ntask}):
         facc = T.alloc_buffer(({rows}, {L}), "float32")
         zacc = T.alloc_buffer(({rows},), "float32")
@@ -246,14 +302,14 @@ def main(xq: T.handle, xs: T.handle, w: T.handle, {s_params}{z_param}{o_params}{
             n: T.let = T.min(t * {rows} + rr, {N - 1})
             for g in T.vectorized({G}):
                 SD[rr, g] = {s_at}
-{const_dec}{steps}{zero_term}        for rr in range({rows}):
+{const_dec}{fold_a}{steps}{zero_term}        for rr in range({rows}):
             n: T.let = t * {rows} + rr
             if n < {N}:
                 tot = T.alloc_buffer((1,), "float32")
                 tot[0] = T.float32(0)
                 for c in range({L}):
                     tot[0] = tot[0] + facc[rr, c]
-                Y[0, n] = XS[0] * (tot[0] + zacc[rr]){b_add}
+                Y[0, n] = {out_scale} * (tot[0] + zacc[rr]){b_add}
 '''
     func = tvm.script.from_source(src)
     if isinstance(func, tvm.IRModule):
