@@ -173,6 +173,22 @@ def test_grouped_int4_gemv_with_minimums(target: tvm.target.Target, params: str,
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * k)
 
 
+def _w4a8_offset(offset: str | None, rng: np.random.Generator, n: int, g: int
+                 ) -> tuple[list[np.ndarray], np.ndarray, str | tuple[str, str, str] | None]:
+    """A w4a8 kernel's minimum per group: (its arguments, its f32 values [n, g], its form), for ``offset`` None,
+    ``"float16"`` or ``"nested"`` (8-bit codes against an fp16 scale and base per row, as compress-scales stores)."""
+    if offset == "float16":
+        o = (rng.standard_normal((n, g)) * 0.3).astype(np.float16)
+        return [o], o.astype(np.float32), "float16"
+    if offset == "nested":
+        c = rng.integers(0, 256, (n, g)).astype(np.uint8)
+        r = (rng.random(n) * 0.01).astype(np.float16)
+        base = np.full(n, -0.5, np.float16)
+        return [c, r, base], c * r.astype(np.float32)[:, None] + base.astype(np.float32)[:, None], (
+            "uint8", "float16", "float16")
+    return [], np.zeros((n, g), np.float32), None
+
+
 @pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
 @pytest.mark.parametrize(("signed", "zp", "offset", "group", "k"), [
     (False, True, None, 32, 192), (True, False, None, 64, 192), (False, False, "float16", 32, 192),
@@ -196,18 +212,7 @@ def test_w4a8_gemv_matches_the_integer_path(target: tvm.target.Target, signed: b
     xq = rng.integers(-127, 128, (1, k)).astype(np.int8)
     sx = np.array([0.02], np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    oargs: list[np.ndarray] = []
-    ov = np.zeros((n, g), np.float32)
-    oform: str | tuple[str, str, str] | None = None
-    if offset == "float16":
-        o = (rng.standard_normal((n, g)) * 0.3).astype(np.float16)
-        oargs, ov, oform = [o], o.astype(np.float32), "float16"
-    elif offset == "nested":
-        c = rng.integers(0, 256, (n, g)).astype(np.uint8)
-        r = (rng.random(n) * 0.01).astype(np.float16)
-        base = np.full(n, -0.5, np.float16)
-        oargs, oform = [c, r, base], ("uint8", "float16", "float16")
-        ov = c * r.astype(np.float32)[:, None] + base.astype(np.float32)[:, None]
+    oargs, ov, oform = _w4a8_offset(offset, rng, n, g)
     func = w4a8_gemv(n, k, group, target, signed=signed, zp_dtype="uint8" if zp else None, scale="float32",
                      offset=oform, bias=True)
     assert func is not None
@@ -239,15 +244,7 @@ def test_w4a16_dot_gemv_carries_the_float_token_to_its_bound(target: tvm.target.
     x = rng.standard_normal((1, k)).astype(np.float32)
     x[0, 7] = 60.0
     b = rng.standard_normal(n).astype(np.float32)
-    oargs: list[np.ndarray] = []
-    ov = np.zeros((n, g), np.float32)
-    oform = None
-    if offset == "nested":
-        c = rng.integers(0, 256, (n, g)).astype(np.uint8)
-        r = (rng.random(n) * 0.01).astype(np.float16)
-        base = np.full(n, -0.5, np.float16)
-        oargs, oform = [c, r, base], ("uint8", "float16", "float16")
-        ov = c * r.astype(np.float32)[:, None] + base.astype(np.float32)[:, None]
+    oargs, ov, oform = _w4a8_offset(offset, rng, n, g)
     func = w4a8_gemv(n, k, 32, target, signed=signed, zp_dtype="uint8" if zp else None, scale="float32",
                      offset=oform, bias=True, float_x=True)
     assert func is not None
