@@ -270,6 +270,34 @@ def test_w4a16_dot_gemv_only_where_it_applies() -> None:
     assert w4a8_gemv(16, 192, 32, HOST, **common) is not None
 
 
+@pytest.mark.parametrize("target", [HOST, AVX2], ids=["host", "avx2"])
+@pytest.mark.parametrize("case", ["random", "zeros", "halves"])
+def test_w4a8_gemv_quantizes_the_token_as_the_quantize_op(target: tvm.target.Target, case: str) -> None:
+    """``quantize_x``: the kernel takes the float token and quantizes it itself; its result is bit-identical to the
+    kernel fed the codes and scale of qir's dynamic per-token ``quantize`` (the interpreter's), for random values,
+    an all-zero token (scale 1) and values exactly half a step apart (round half to even). (A NaN is not covered:
+    the interpreter gives it code 0, and neither this nor the ``quantize_rows`` kernel does.)"""
+    from qir.backends.tvm.kernels import w4a8_gemv
+
+    rng = np.random.default_rng(7)
+    n, k = 37, 192
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    if case == "zeros":
+        x[:] = 0
+    elif case == "halves":
+        x = (rng.integers(-60, 60, (1, k)) + 0.5).astype(np.float32)
+        x[0, 0] = 127.0  # the scale is exactly 1: every other value is half a step from two codes
+    q = quantize_dynamic(x, QuantSpec.dynamic_spec(axis=1, group_size=k), "i8")
+    xq, sx = np.asarray(q.codes, np.int8), np.asarray(q.scale, np.float32).reshape(1)
+    codes = rng.integers(0, 16, (n, k))
+    s = (rng.random((n, k // 32)) * 0.1).astype(np.float32)
+    w = pack(codes, "u4").reshape(n, k // 2)
+    common = {"signed": False, "zp_dtype": None, "scale": "float32"}
+    folded = _run(w4a8_gemv(n, k, 32, target, **common, quantize_x=(-128, 127)), target, [x, w, s], (1, n))
+    given = _run(w4a8_gemv(n, k, 32, target, **common), target, [xq, sx, w, s], (1, n))
+    np.testing.assert_array_equal(folded, given)
+
+
 def test_w4a8_gemv_instructions_per_isa() -> None:
     """One dot-product instruction per group: ``vpdpbusd`` with VNNI, ``vpmaddubsw`` on AVX2 only, ``sdot`` on
     AArch64 (cross-compiled, not run); no kernel without any of them (SSE)."""

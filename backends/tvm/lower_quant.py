@@ -447,16 +447,30 @@ class QuantLowering:
         if any(d != 1 for d in xt.shape[:-1]):  # a static single token only (a symbolic dim is not 1 either)
             return None
         sform, oform, zdt = forms
-        try:
-            prim = kern.w4a8_gemv(n, k, wl.group, self.target, signed=wl.signed, zp_dtype=zdt, scale=sform,
-                                  offset=oform, bias=b is not None)
-        except Exception:  # noqa: BLE001 - a kernel that cannot be built falls back to the other lowerings
-            prim = None
+        # The token's own quantize folded into the kernel when it is the usual dynamic symmetric per-token one of
+        # an f32 value (the separate quantize_rows call is then unused and removed): one launch instead of two.
+        src = op.operands[0].producer
+        fold = (src is not None and src.opcode == "quantize" and xt.quant is not None and xt.quant.dynamic
+                and src.operands[0].type.dtype.name == "f32" and x.lay.group is not None
+                and x.lay.group >= xt.shape[-1])
+        prim = None
+        for quantize_x in ([(x.lay.qmin, x.lay.qmax)] if fold else []) + [None]:
+            try:
+                prim = kern.w4a8_gemv(n, k, wl.group, self.target, signed=wl.signed, zp_dtype=zdt, scale=sform,
+                                      offset=oform, bias=b is not None, quantize_x=quantize_x)
+            except Exception:  # noqa: BLE001 - a kernel that cannot be built falls back to the other lowerings
+                prim = None
+            if prim is not None:
+                break
         if prim is None:
             return None
-        x2, _ = self._rows(x.codes, xt)
-        sx = self.bb.emit(self.relax.op.reshape(x.scale, [1]))
-        args = [x2, sx, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
+        if quantize_x is not None:
+            xf, _ = self._rows(self.plain(src, src.operands[0]), src.operands[0].type)
+            args = [xf, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
+        else:
+            x2, _ = self._rows(x.codes, xt)
+            sx = self.bb.emit(self.relax.op.reshape(x.scale, [1]))
+            args = [x2, sx, w.codes] + self._flat(w.scale, w.zp, w.offset, b)
         return self._call_kernel(op, prim, "w4a8_k", args, 1, n, xt)
 
     def _kernel_w4a16_dot(self, op: Op, x: Any, w: QVal, b: Any | None, n: int, k: int, xt: TensorType

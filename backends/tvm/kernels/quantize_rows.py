@@ -24,7 +24,23 @@ from tvm.script import tirx as T
 from qir.backends.tvm.kernels.common import Dim, check_dims, target_of
 from qir.backends.tvm.kernels.cpu_features import features_of
 
-__all__ = ["quantize_rows"]
+__all__ = ["nan0", "quantize_rows", "rint"]
+
+
+def rint(v: tirx.PrimExpr) -> tirx.PrimExpr:
+    """Round half to even, vectorizable: from floor (exact: ``v - floor(v)`` is exact in f32). TVM's vectorizer
+    scalarizes ``nearbyint`` (not marked vectorizable) and LLVM then vectorizes that scalar loop with gathers (5x
+    slower); the ``(v + 1.5 * 2^23) - 1.5 * 2^23`` trick is folded away by TVM's simplifier."""
+    half, one, two = (tirx.const(c, "float32") for c in (0.5, 1.0, 2.0))
+    r = tirx.floor(v)
+    d = v - r
+    odd = r - two * tirx.floor(r * half) != tirx.const(0.0, "float32")
+    return tirx.Select(tirx.Or(d > half, tirx.And(d == half, odd)), r + one, r)
+
+
+def nan0(q: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``q``, or 0 where it is NaN (qir's quantize maps NaN to code 0)."""
+    return tirx.Select(q != q, tirx.const(0.0, "float32"), q)
 
 
 def quantize_rows(M: Dim, K: int, target: tvm.target.Target | str | dict, *, out_dtype: str = "int8",
@@ -98,19 +114,6 @@ def main(x: T.handle, qr: T.handle, c: T.handle, s: T.handle{z_param}):
         for kk in range({kv}, {K}):
             C[row, kk] = {code("kk")}
 '''
-
-    def rint(v: tirx.PrimExpr) -> tirx.PrimExpr:
-        # Round half to even from floor (exact: v - floor(v) is exact in f32). TVM's vectorizer scalarizes
-        # ``nearbyint`` (not marked vectorizable) and LLVM then vectorizes that scalar loop with gathers (5x
-        # slower); the (v + 1.5 * 2^23) - 1.5 * 2^23 trick is folded away by TVM's simplifier.
-        half, one, two = (tirx.const(c, "float32") for c in (0.5, 1.0, 2.0))
-        r = tirx.floor(v)
-        d = v - r
-        odd = r - two * tirx.floor(r * half) != tirx.const(0.0, "float32")
-        return tirx.Select(tirx.Or(d > half, tirx.And(d == half, odd)), r + one, r)
-
-    def nan0(q: tirx.PrimExpr) -> tirx.PrimExpr:
-        return tirx.Select(q != q, tirx.const(0.0, "float32"), q)
 
     func = tvm.script.from_source(src, extra_vars={"T": T, "nan0": nan0, "rint": rint})
     if isinstance(func, tvm.IRModule):

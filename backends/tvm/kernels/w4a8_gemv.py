@@ -24,8 +24,10 @@ once per call). ``rows`` output rows share each activation load, and decode thei
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import tirx
+from tvm.script import tirx as T
 
 from qir.backends.tvm.kernels.common import target_of
 from qir.backends.tvm.kernels.cpu_features import features_of
@@ -83,6 +85,24 @@ def _dot2(isa: str, lo: str, xe: str, hi: str, xo: str) -> str:
     raise ValueError(f"w4a8_gemv: no paired dot product for {isa!r}")
 
 
+def _quantize_token(K: int, qmin: int, qmax: int) -> str:
+    """TVMScript filling ``XQ [1, K]`` and ``XS [1]`` from ``X [1, K]`` as qir's symmetric per-token ``quantize``."""
+    tiny = float(np.finfo(np.float32).tiny)
+    code = (f'T.Cast("int8", T.max(T.min(nan0(rint(X[0, k] / XS[0])), T.float32({qmax})), T.float32({qmin})))')
+    return f"""\
+    lo = T.alloc_buffer((1,), "float32")
+    hi = T.alloc_buffer((1,), "float32")
+    lo[0] = T.float32(0)
+    hi[0] = T.float32(0)
+    for k in range({K}):
+        lo[0] = T.min(lo[0], X[0, k])
+        hi[0] = T.max(hi[0], X[0, k])
+    XS[0] = T.max(T.Select(T.max(T.fabs(lo[0]), T.fabs(hi[0])) > T.float32(0),
+                           T.max(T.fabs(lo[0]), T.fabs(hi[0])) / T.float32({qmax}), T.float32(1)), T.float32({tiny!r}))
+    for k in range({K}):
+        XQ[0, k] = {code}"""
+
+
 def _block_param(name: str, form: str | tuple[str, str, str], N: int, G: int) -> tuple[str, str, str]:
     """(handles, buffers, value at ``[n, g]``) of a per-group parameter: ``"float32"``/``"float16"`` ``[N, G]``, or
     two-level (``compress-scales``) ``(codes_dtype, row_scale_dtype, row_base_dtype)``: codes ``[N, G]`` and a
@@ -102,7 +122,8 @@ def _block_param(name: str, form: str | tuple[str, str, str], N: int, G: int) ->
 
 def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict, *, signed: bool,
               zp_dtype: str | None, scale: str | tuple[str, str, str], offset: str | tuple[str, str, str] | None = None,
-              bias: bool = False, rows: int | None = None, float_x: bool = False) -> tirx.PrimFunc | None:
+              bias: bool = False, rows: int | None = None, float_x: bool = False,
+              quantize_x: tuple[int, int] | None = None) -> tirx.PrimFunc | None:
     """The scheduled kernel, or ``None`` where there is none (no dot-product ISA, ``group % 32``, ``K % group``).
 
     Parameters in call order: ``xq [1, K] int8``, ``sx [1] f32``, ``w [N, K/2] uint8`` (two nibbles per byte, even
@@ -118,6 +139,12 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
     an f16 activation for all but the chunk's smallest values) and each 64 weights cost four dot products instead of
     a float conversion and FMA per weight. Zero points and minimums use the exact float sums of ``x``. Only on x86
     (``vnni``/``avx2``) with ``group == 32`` and ``K % 64 == 0``; ``None`` elsewhere.
+
+    ``quantize_x = (qmin, qmax)``: the first parameter is the float token (``x [1, K] f32``, no ``sx``), quantized
+    here, before the parallel loop, exactly as qir's dynamic symmetric per-token ``quantize`` (and the
+    ``quantize_rows`` kernel) does it: ``s = max(|min(x, 0)|, |max(x, 0)|) / qmax`` (1 for an all-zero token, at
+    least the smallest normal f32), codes ``clip(rint(x / s), qmin, qmax)`` with NaN -> 0, a division, round half
+    to even. One kernel launch per projection instead of two.
     """
     isa = w4a8_isa(target)
     if isa is None or group % 32 or K % group or N < 1:
@@ -126,6 +153,8 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
         return None
     if float_x and not (isa in ("vnni", "avx2") and group == 32 and K % 64 == 0):
         return None
+    if float_x and quantize_x is not None:
+        raise ValueError("w4a8_gemv: float_x and quantize_x are two different inputs; give one")
     G, chunks = K // group, group // 32
     # x86, K a multiple of 64: 64 weights (32 bytes) per step, their low nibbles (even k) and high nibbles (odd k)
     # each one 32-byte dot product against the codes arranged to match, so no shuffle joins the two halves; int32
@@ -275,6 +304,11 @@ def w4a8_gemv(N: int, K: int, group: int, target: tvm.target.Target | str | dict
         x_bufs = f'    XQ = T.match_buffer(xq, (1, {K}), "int8")\n    XS = T.match_buffer(xs, (1,), "float32")\n'
         fold_a = ""
         out_scale = "XS[0]"
+        if quantize_x is not None:
+            x_params = "x: T.handle, "
+            x_bufs = (f'    X = T.match_buffer(x, (1, {K}), "float32")\n'
+                      f'    XQ = T.alloc_buffer((1, {K}), "int8")\n    XS = T.alloc_buffer((1,), "float32")\n')
+            arrange = _quantize_token(K, *quantize_x) + "\n" + arrange
     src = f'''
 @T.prim_func
 def main({x_params}w: T.handle, {s_params}{z_param}{o_params}{b_param}y: T.handle):
@@ -311,7 +345,9 @@ def main({x_params}w: T.handle, {s_params}{z_param}{o_params}{b_param}y: T.handl
                     tot[0] = tot[0] + facc[rr, c]
                 Y[0, n] = {out_scale} * (tot[0] + zacc[rr]){b_add}
 '''
-    func = tvm.script.from_source(src)
+    from qir.backends.tvm.kernels.quantize_rows import nan0, rint
+
+    func = tvm.script.from_source(src, extra_vars={"T": T, "nan0": nan0, "rint": rint})
     if isinstance(func, tvm.IRModule):
         func = func["main"]
     return func
