@@ -145,7 +145,6 @@ def _one_token(t: TensorType) -> bool:
 
 def _stack(module: Module, consts: list[Constant], name: str, after: str) -> Constant:
     """Add ``@name`` = the row-wise stack of ``consts`` after ``@after``, then its stacked parameter constants."""
-    spec = consts[0].type.quant
     planned: list[tuple[str, list[Constant]]] = []  # (new name, constants stacked), the weight's parameters
     mapping: dict[str, str] = {}
     taken = set(module.constants) | {name}
@@ -167,17 +166,15 @@ def _stack(module: Module, consts: list[Constant], name: str, after: str) -> Con
 
     plan(consts, name)
     cursor = after
-    out = None
+    added: list[Constant] = []
     for new, group in [(name, consts), *planned]:
         data = np.concatenate([np.asarray(c.numpy()) for c in group], axis=0)
         sp = group[0].type.quant
         quant: QuantSpec | None = sp.rename_refs(mapping) if sp is not None else None
         t = TensorType(group[0].type.dtype, (data.shape[0], *group[0].type.shape[1:]), quant)
-        c = module.add_constant(new, data, type=t, after=cursor)
+        added.append(module.add_constant(new, data, type=t, after=cursor))
         cursor = new
-        out = out or c
-    assert out is not None and spec == consts[0].type.quant
-    return out
+    return added[0]
 
 
 def _remove_tree(module: Module, c: Constant) -> None:

@@ -91,6 +91,7 @@ def layer_rows(float_module: Module, module: Module) -> list[dict[str, Any]]:
 
     ctx = RunContext(module)
     stacked = stacked_sources(float_module, module)  # q/k/v stacked by merge-siblings: each keeps its own row
+    stacks: dict[str, np.ndarray] = {}
     ref_ctx = RunContext(float_module)  # the input may itself be quantized (a .qir from qir quantize): dequantize it
     params_of = {ref for m in (float_module, module) for c in m.constants.values() if c.type.quant is not None
                  for ref in c.type.quant.constant_refs}  # scales and zero points are not layers of their own
@@ -118,10 +119,14 @@ def layer_rows(float_module: Module, module: Module) -> list[dict[str, Any]]:
             ref = ref_ctx.constant(c.name)
             w = ref.dequantize() if isinstance(ref, QTensor) else np.asarray(ref, dtype=np.float32)
             w = np.asarray(w, dtype=np.float32)
-            data = ctx.constant(stored)
-            wq = data.dequantize() if isinstance(data, QTensor) else np.asarray(data, dtype=np.float32)
+            if stored not in stacks:
+                data = ctx.constant(stored)
+                wq = data.dequantize() if isinstance(data, QTensor) else np.asarray(data, dtype=np.float32)
+                if where is not None:  # a stack is dequantized once for its members (which come one after another)
+                    stacks.clear()
+                    stacks[stored] = wq
             if where is not None:
-                wq = wq[where.start:where.end]
+                wq = stacks[stored][where.start:where.end]
             denom = float(np.linalg.norm(w))
             rel = float(np.linalg.norm(wq.astype(np.float32) - w)) / denom if denom > 0 else 0.0
         except (QirError, ValueError):
@@ -152,13 +157,20 @@ def output_errors(float_module: Module, module: Module, feed: dict[str, np.ndarr
     sums: dict[str, list[float]] = {}
     stacked = stacked_sources(float_module, module)
 
+    dequantized: dict[str, np.ndarray] = {}  # a stack is dequantized once for all its members
+
     def dense(c: RunContext, name: str) -> np.ndarray:
         data = c.constant(name)
         return np.asarray(data.dequantize() if isinstance(data, QTensor) else data, dtype=np.float32)
 
     def stored(name: str) -> np.ndarray:
         where = stacked.get(name)
-        return dense(ctx, name) if where is None else dense(ctx, where.stacked)[where.start:where.end]
+        if where is None:
+            return dense(ctx, name)
+        if where.stacked not in dequantized:
+            dequantized.clear()  # the members of a stack read the same input, one after another: keep one stack
+            dequantized[where.stacked] = dense(ctx, where.stacked)
+        return dequantized[where.stacked][where.start:where.end]
 
     def observe(value: Any, data: Any) -> None:
         names = readers.get(id(value))

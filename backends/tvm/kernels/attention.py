@@ -204,22 +204,28 @@ def main(q: T.handle, k: T.handle, v: T.handle, {p_param}{mask_param}o: T.handle
                         for c in T.vectorized({L}):
                             S[rr, jo * {L} + c] = S[rr, jo * {L} + c] / tot[0]
                 # 4. out = p @ v, R x TD accumulators
-                for dt in range({DV // TD}):
-                    acc2 = T.alloc_buffer(({R}, {TD}), "float32")
-                    for rr in T.unroll({R}):
-                        for c in T.vectorized({TD}):
-                            acc2[rr, c] = T.float32(0)
-                    for j in range({NK}):
-                        for rr in T.unroll({R}):
-                            for c in T.vectorized({TD}):
-                                acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
-                    for rr in range({R}):
+{_p_times_v(16, R, TD, DV, NK, v_at)}                    for rr in range({R}):
                         g3: T.let = blk * {R} + rr
                         if g3 < {rows_total}:
                             for c in T.vectorized({TD}):
                                 O{o_at} = acc2[rr, c]
 '''
     return _parse(src)
+
+
+def _p_times_v(indent: int, r: int, td: int, dv: int, nkeys: str, v_at: str) -> str:
+    """TVMScript opening ``for dt`` (tiles of ``td`` value columns) with ``acc2[r, td] = sum_j S[rr, j] * V[j]`` over
+    ``nkeys`` keys; the caller's lines that store ``acc2`` follow, indented one level deeper than ``for dt``."""
+    pad = " " * indent
+    return (f"{pad}for dt in range({dv // td}):\n"
+            f'{pad}    acc2 = T.alloc_buffer(({r}, {td}), "float32")\n'
+            f"{pad}    for rr in T.unroll({r}):\n"
+            f"{pad}        for c in T.vectorized({td}):\n"
+            f"{pad}            acc2[rr, c] = T.float32(0)\n"
+            f"{pad}    for j in range({nkeys}):\n"
+            f"{pad}        for rr in T.unroll({r}):\n"
+            f"{pad}            for c in T.vectorized({td}):\n"
+            f"{pad}                acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}\n")
 
 
 def _parse(src: str) -> tirx.PrimFunc:
@@ -326,16 +332,7 @@ def main(q: T.handle, k: T.handle, v: T.handle, p: T.handle, o: T.handle):
                 Lp[bi, kh, sp, rr] = T.float32(0)
                 for c in range({L}):
                     Lp[bi, kh, sp, rr] = Lp[bi, kh, sp, rr] + sv[c]
-            for dt in range({DV // TD}):
-                acc2 = T.alloc_buffer(({R}, {TD}), "float32")
-                for rr in T.unroll({R}):
-                    for c in T.vectorized({TD}):
-                        acc2[rr, c] = T.float32(0)
-                for j in range(n):
-                    for rr in T.unroll({R}):
-                        for c in T.vectorized({TD}):
-                            acc2[rr, c] = acc2[rr, c] + S[rr, j] * V{v_at}
-                for rr in range({R}):
+{_p_times_v(12, R, TD, DV, "n", v_at)}                for rr in range({R}):
                     for c in T.vectorized({TD}):
                         Op[bi, kh, sp, rr, dt * {TD} + c] = acc2[rr, c]
         else:

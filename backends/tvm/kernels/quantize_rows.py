@@ -24,7 +24,7 @@ from tvm.script import tirx as T
 from qir.backends.tvm.kernels.common import Dim, check_dims, target_of
 from qir.backends.tvm.kernels.cpu_features import features_of
 
-__all__ = ["nan0", "quantize_rows", "rint"]
+__all__ = ["nan0", "quantize_rows", "rint", "symmetric_scale"]
 
 
 def rint(v: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -41,6 +41,14 @@ def rint(v: tirx.PrimExpr) -> tirx.PrimExpr:
 def nan0(q: tirx.PrimExpr) -> tirx.PrimExpr:
     """``q``, or 0 where it is NaN (qir's quantize maps NaN to code 0)."""
     return tirx.Select(q != q, tirx.const(0.0, "float32"), q)
+
+
+def symmetric_scale(lo: str, hi: str, qmax: str) -> str:
+    """TVMScript of qir's dynamic symmetric scale from a range ``[lo, hi]`` (``lo <= 0 <= hi``): ``max(|lo|, |hi|)
+    / qmax``, 1 for an all-zero range, at least the smallest normal f32 (the interpreter's ``_floor_scale``)."""
+    tiny = float(np.finfo(np.float32).tiny)
+    m = f"T.max(T.fabs({lo}), T.fabs({hi}))"
+    return f"T.max(T.Select({m} > T.float32(0), {m} / {qmax}, T.float32(1)), T.float32({tiny!r}))"
 
 
 def quantize_rows(M: Dim, K: int, target: tvm.target.Target | str | dict, *, out_dtype: str = "int8",
@@ -61,10 +69,10 @@ def quantize_rows(M: Dim, K: int, target: tvm.target.Target | str | dict, *, out
     # RewriteDataflowReshape, which inspects every one-input call_tir as a possible reshape and requires a
     # block-structured function, away from this plain loop nest.
     if symmetric:
-        scale = ("T.Select(T.max(T.fabs(lo[0]), T.fabs(hi[0])) > T.float32(0), "
-                 "T.max(T.fabs(lo[0]), T.fabs(hi[0])) / QR[1], T.float32(1))")
+        scale = symmetric_scale("lo[0]", "hi[0]", "QR[1]")
     else:
-        scale = "T.Select(hi[0] - lo[0] > T.float32(0), (hi[0] - lo[0]) / (QR[1] - QR[0]), T.float32(1))"
+        scale = (f"T.max(T.Select(hi[0] - lo[0] > T.float32(0), (hi[0] - lo[0]) / (QR[1] - QR[0]), T.float32(1)), "
+                 f"T.float32({tiny!r}))")
     z_param = "" if symmetric else ", z: T.handle"
     z_buf = "" if symmetric else f'    Z = T.match_buffer(z, ({m},), "int32")\n'
     zp = "" if symmetric else " + zf[0]"
@@ -106,7 +114,7 @@ def main(x: T.handle, qr: T.handle, c: T.handle, s: T.handle{z_param}):
         for kt in range({kv}, {K}):
             lo[0] = T.min(lo[0], X[row, kt])
             hi[0] = T.max(hi[0], X[row, kt])
-        sc[0] = T.max({scale}, T.float32({tiny!r}))
+        sc[0] = {scale}
         S[row] = sc[0]{z_body}
         for ko in range({K // L}):
             for c in T.vectorized({L}):

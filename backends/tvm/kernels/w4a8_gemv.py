@@ -24,7 +24,6 @@ once per call). ``rows`` output rows share each activation load, and decode thei
 
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -87,8 +86,9 @@ def _dot2(isa: str, lo: str, xe: str, hi: str, xo: str) -> str:
 
 def _quantize_token(K: int, qmin: int, qmax: int) -> str:
     """TVMScript filling ``XQ [1, K]`` and ``XS [1]`` from ``X [1, K]`` as qir's symmetric per-token ``quantize``."""
-    tiny = float(np.finfo(np.float32).tiny)
-    code = (f'T.Cast("int8", T.max(T.min(nan0(rint(X[0, k] / XS[0])), T.float32({qmax})), T.float32({qmin})))')
+    from qir.backends.tvm.kernels.quantize_rows import symmetric_scale
+
+    code = f'T.Cast("int8", T.max(T.min(nan0(rint(X[0, k] / XS[0])), T.float32({qmax})), T.float32({qmin})))'
     return f"""\
     lo = T.alloc_buffer((1,), "float32")
     hi = T.alloc_buffer((1,), "float32")
@@ -97,8 +97,7 @@ def _quantize_token(K: int, qmin: int, qmax: int) -> str:
     for k in range({K}):
         lo[0] = T.min(lo[0], X[0, k])
         hi[0] = T.max(hi[0], X[0, k])
-    XS[0] = T.max(T.Select(T.max(T.fabs(lo[0]), T.fabs(hi[0])) > T.float32(0),
-                           T.max(T.fabs(lo[0]), T.fabs(hi[0])) / T.float32({qmax}), T.float32(1)), T.float32({tiny!r}))
+    XS[0] = {symmetric_scale("lo[0]", "hi[0]", f"T.float32({qmax})")}
     for k in range({K}):
         XQ[0, k] = {code}"""
 
